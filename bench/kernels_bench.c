@@ -1,0 +1,332 @@
+/* `vkg bench --kernels`: measures the device (FMA peak, shader read bandwidth, dispatch and submit
+ * cost), then matmul GFLOP/s on the ViT-S shapes. Repetitions are interleaved across configurations
+ * and medians reported, so a noisy shared machine disturbs every figure alike. */
+#include "kernels_bench.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "runtime/kernels/kernels.h"
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+static double median(double *v, int n)
+{
+    qsort(v, (size_t)n, sizeof *v, cmp_double);
+    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+/* Wall time of one submit + wait of cmd. */
+static vkg_status time_submit(vkg_cmd *cmd, double *sec)
+{
+    double t0 = now_s();
+    VKG_TRY(vkg_cmd_submit_wait(cmd));
+    *sec = now_s() - t0;
+    return VKG_SUCCESS;
+}
+
+typedef struct result {
+    char name[32], dtype[8], variant[8];
+    uint32_t m, k, n;
+    double value; /* gflops, gbps or us */
+    const char *unit;
+    double pct_peak;
+} result;
+
+typedef struct mm_case {
+    uint32_t m, k, n;
+    vkg_dtype wdt;
+    vkg_mm_variant variant;
+    vkg_buf *x, *w, *b, *y;
+    vkg_cmd *cmd;
+    double *samples;
+} mm_case;
+
+enum { MM_INNER = 3 }; /* dispatches per submit: amortises the submit cost the way a graph does */
+
+static void fill_random(float *p, size_t n, uint32_t seed)
+{
+    for (size_t i = 0; i < n; i++) {
+        seed = seed * 1664525u + 1013904223u;
+        p[i] = (float)((seed >> 8) & 0xffff) / 65536.0f - 0.5f;
+    }
+}
+
+static uint16_t f32_to_f16(float f)
+{
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    uint32_t sign = (x >> 16) & 0x8000u, mant = x & 0x7fffffu;
+    int exp = (int)((x >> 23) & 0xff) - 127 + 15;
+    if (exp <= 0) return (uint16_t)sign; /* bench data is never tiny */
+    if (exp >= 31) return (uint16_t)(sign | 0x7c00u);
+    uint32_t h = sign | ((uint32_t)exp << 10) | (mant >> 13);
+    if ((mant & 0x1fffu) > 0x1000u || ((mant & 0x1fffu) == 0x1000u && (h & 1u))) h++;
+    return (uint16_t)h;
+}
+
+static vkg_status mm_setup(vkg_context *ctx, mm_case *c, int reps)
+{
+    size_t xs = (size_t)c->m * c->k, ws = (size_t)c->n * c->k;
+    VkDeviceSize wbytes = ws * (c->wdt == VKG_DTYPE_F16 ? 2 : 4);
+    VKG_TRY(vkg_buf_create(ctx, xs * 4, &c->x));
+    VKG_TRY(vkg_buf_create(ctx, wbytes, &c->w));
+    VKG_TRY(vkg_buf_create(ctx, (VkDeviceSize)c->n * 4, &c->b));
+    VKG_TRY(vkg_buf_create(ctx, (VkDeviceSize)c->m * c->n * 4, &c->y));
+    float *h = malloc(VKG_MAX(xs, ws) * 4);
+    if (!h) return vkg_fail(VKG_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+    fill_random(h, xs, 1);
+    vkg_status st = vkg_buf_upload(c->x, 0, h, xs * 4);
+    fill_random(h, ws, 2);
+    if (st == VKG_SUCCESS && c->wdt == VKG_DTYPE_F16) {
+        uint16_t *hh = (uint16_t *)h; /* in place: element i is written after it was read */
+        for (size_t i = 0; i < ws; i++) hh[i] = f32_to_f16(h[i]);
+    }
+    if (st == VKG_SUCCESS) st = vkg_buf_upload(c->w, 0, h, wbytes);
+    fill_random(h, c->n, 3);
+    if (st == VKG_SUCCESS) st = vkg_buf_upload(c->b, 0, h, (VkDeviceSize)c->n * 4);
+    free(h);
+    VKG_TRY(st);
+    VKG_TRY(vkg_cmd_begin(ctx, false, &c->cmd));
+    vkg_matmul_args a = {.x = {c->x, 0}, .w = {c->w, 0}, .bias = {c->b, 0}, .y = {c->y, 0}, .m = c->m, .n = c->n,
+                         .k = c->k, .w_shared = true, .w_dtype = c->wdt, .variant = c->variant};
+    for (int i = 0; i < MM_INNER; i++) VKG_TRY(vkg_matmul(c->cmd, &a));
+    VKG_TRY(vkg_cmd_end(c->cmd));
+    c->samples = calloc((size_t)reps, sizeof(double));
+    if (!c->samples) return vkg_fail(VKG_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+    return vkg_cmd_submit_wait(c->cmd); /* warm-up: pipeline creation, first touch of memory */
+}
+
+static void mm_free(mm_case *c)
+{
+    vkg_cmd_destroy(c->cmd);
+    vkg_buf_destroy(c->x);
+    vkg_buf_destroy(c->w);
+    vkg_buf_destroy(c->b);
+    vkg_buf_destroy(c->y);
+    free(c->samples);
+}
+
+static vkg_status bench_fma(vkg_context *ctx, int reps, double *gflops)
+{
+    const uint32_t wg = 64, groups = 256, iters = 4000;
+    vkg_buf *y;
+    VKG_TRY(vkg_buf_create(ctx, (VkDeviceSize)wg * groups * 4, &y));
+    vkg_pipeline_desc pd = {.shader = "bench_fma", .nbindings = 1, .push_size = 8, .nspec = 1, .spec = {wg}};
+    const vkg_pipeline *p;
+    vkg_cmd *cmd = NULL;
+    struct { uint32_t iters; float seed; } pc = {iters, 0.5f};
+    vkg_binding b = {y, 0, 0, 0, true};
+    double *t = calloc((size_t)reps, sizeof *t);
+    vkg_status st = t ? vkg_pipeline_get(ctx, &pd, &p) : vkg_fail(VKG_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+    if (st == VKG_SUCCESS) st = vkg_cmd_begin(ctx, false, &cmd);
+    if (st == VKG_SUCCESS) st = vkg_cmd_dispatch(cmd, p, &b, &pc, groups, 1, 1, "fma");
+    if (st == VKG_SUCCESS) st = vkg_cmd_submit_wait(cmd);
+    for (int r = 0; r < reps && st == VKG_SUCCESS; r++) st = time_submit(cmd, &t[r]);
+    if (st == VKG_SUCCESS) *gflops = (double)wg * groups * iters * 8 * 4 * 2 / median(t, reps) * 1e-9;
+    free(t);
+    vkg_cmd_destroy(cmd);
+    vkg_buf_destroy(y);
+    return st;
+}
+
+static vkg_status bench_read(vkg_context *ctx, bool texel, int reps, double *gbps)
+{
+    const uint32_t wg = 64, groups = 512;
+    const uint64_t vec4s = 4u << 20; /* 64 MiB: well past any cache */
+    uint32_t per = (uint32_t)(vec4s / (wg * groups));
+    vkg_buf *src, *y;
+    VKG_TRY(vkg_buf_create(ctx, vec4s * 16, &src));
+    vkg_status st = vkg_buf_create(ctx, (VkDeviceSize)wg * groups * 4, &y);
+    if (st != VKG_SUCCESS) {
+        vkg_buf_destroy(src);
+        return st;
+    }
+    if (src->mapped) memset(src->mapped, 0, vec4s * 16);
+    vkg_pipeline_desc pd = {.shader = texel ? "bench_read_texel" : "bench_read_ssbo", .nbindings = 2, .push_size = 8,
+                            .nspec = 1, .spec = {wg},
+                            .bindings = {texel ? VKG_BIND_UNIFORM_TEXEL : VKG_BIND_STORAGE, VKG_BIND_STORAGE}};
+    const vkg_pipeline *p;
+    vkg_cmd *cmd = NULL;
+    struct { uint32_t per, total; } pc = {per, (uint32_t)vec4s};
+    vkg_binding b[2] = {{src, 0, 0, VK_FORMAT_R32G32B32A32_SFLOAT, false}, {y, 0, 0, 0, true}};
+    double *t = calloc((size_t)reps, sizeof *t);
+    if (!t) st = vkg_fail(VKG_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+    if (st == VKG_SUCCESS) st = vkg_pipeline_get(ctx, &pd, &p);
+    if (st == VKG_SUCCESS) st = vkg_cmd_begin(ctx, false, &cmd);
+    if (st == VKG_SUCCESS) st = vkg_cmd_dispatch(cmd, p, b, &pc, groups, 1, 1, "read");
+    if (st == VKG_SUCCESS) st = vkg_cmd_submit_wait(cmd);
+    for (int r = 0; r < reps && st == VKG_SUCCESS; r++) st = time_submit(cmd, &t[r]);
+    if (st == VKG_SUCCESS) *gbps = (double)vec4s * 16 / median(t, reps) * 1e-9;
+    free(t);
+    vkg_cmd_destroy(cmd);
+    vkg_buf_destroy(src);
+    vkg_buf_destroy(y);
+    return st;
+}
+
+/* Cost of one dispatch inside a command buffer, and of a submit + fence wait for one dispatch. */
+static vkg_status bench_overheads(vkg_context *ctx, int reps, double *dispatch_us, double *submit_us)
+{
+    const uint32_t many = 500;
+    vkg_buf *y;
+    VKG_TRY(vkg_buf_create(ctx, 64, &y));
+    vkg_pipeline_desc pd = {.shader = "bench_empty", .nbindings = 1};
+    const vkg_pipeline *p;
+    vkg_cmd *one = NULL, *lots = NULL;
+    vkg_binding b = {y, 0, 0, 0, false};
+    double *t1 = calloc((size_t)reps, sizeof *t1), *tn = calloc((size_t)reps, sizeof *tn);
+    vkg_status st = t1 && tn ? vkg_pipeline_get(ctx, &pd, &p) : vkg_fail(VKG_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+    if (st == VKG_SUCCESS) st = vkg_cmd_begin(ctx, false, &one);
+    if (st == VKG_SUCCESS) st = vkg_cmd_dispatch(one, p, &b, NULL, 1, 1, 1, "empty");
+    if (st == VKG_SUCCESS) st = vkg_cmd_begin(ctx, false, &lots);
+    for (uint32_t i = 0; i < many && st == VKG_SUCCESS; i++) st = vkg_cmd_dispatch(lots, p, &b, NULL, 1, 1, 1, "empty");
+    if (st == VKG_SUCCESS) st = vkg_cmd_submit_wait(one);
+    if (st == VKG_SUCCESS) st = vkg_cmd_submit_wait(lots);
+    for (int r = 0; r < reps && st == VKG_SUCCESS; r++) {
+        st = time_submit(one, &t1[r]);
+        if (st == VKG_SUCCESS) st = time_submit(lots, &tn[r]);
+    }
+    if (st == VKG_SUCCESS) {
+        double s1 = median(t1, reps), sn = median(tn, reps);
+        *submit_us = s1 * 1e6;
+        *dispatch_us = (sn - s1) / (many - 1) * 1e6;
+    }
+    free(t1);
+    free(tn);
+    vkg_cmd_destroy(one);
+    vkg_cmd_destroy(lots);
+    vkg_buf_destroy(y);
+    return st;
+}
+
+static const char *variant_name(vkg_mm_variant v) { return v == VKG_MM_TEXEL ? "texel" : "tiled"; }
+
+static void print_and_store(FILE *json, bool *first, const result *r)
+{
+    if (!json) return;
+    fprintf(json, "%s\n  {\"name\": \"%s\"", *first ? "" : ",", r->name);
+    *first = false;
+    if (r->m) fprintf(json, ", \"m\": %u, \"k\": %u, \"n\": %u", r->m, r->k, r->n);
+    if (r->dtype[0]) fprintf(json, ", \"dtype\": \"%s\"", r->dtype);
+    if (r->variant[0]) fprintf(json, ", \"variant\": \"%s\"", r->variant);
+    fprintf(json, ", \"%s\": %.3f", r->unit, r->value);
+    if (r->pct_peak > 0) fprintf(json, ", \"pct_fma_peak\": %.2f", r->pct_peak);
+    fprintf(json, "}");
+}
+
+vkg_status vkg_bench_kernels(vkg_context *ctx, const vkg_bench_opts *o, FILE *out)
+{
+    int reps = o->reps > 0 ? o->reps : (o->quick ? 5 : 11);
+    const vkg_device_info *di = vkg_context_device_info(ctx);
+    FILE *json = NULL;
+    if (o->json_path) {
+        json = fopen(o->json_path, "w");
+        if (!json) return vkg_fail(VKG_ERROR_IO, "cannot write %s", o->json_path);
+        fprintf(json, "[");
+    }
+    bool first = true;
+    char drv[520];
+    snprintf(drv, sizeof drv, "%s %s", di->driver_name, di->driver_info);
+    fprintf(out, "device: %s (%s), %d repetitions, medians\n\n", di->name, drv, reps);
+    if (json) {
+        fprintf(json, "\n  {\"name\": \"device\", \"device\": \"%s\", \"driver\": \"%s\"}", di->name, drv);
+        first = false;
+    }
+
+    vkg_status st = VKG_SUCCESS;
+    double peak = 0, rs = 0, rt = 0, dus = 0, sus = 0;
+    if (!o->matmul_only) {
+        st = bench_fma(ctx, reps, &peak);
+        if (st == VKG_SUCCESS) st = bench_read(ctx, false, reps, &rs);
+        if (st == VKG_SUCCESS && di->texel_rgba32f) st = bench_read(ctx, true, reps, &rt);
+        if (st == VKG_SUCCESS) st = bench_overheads(ctx, reps, &dus, &sus);
+        if (st != VKG_SUCCESS) goto done;
+        fprintf(out, "%-28s %10.1f GFLOP/s\n", "fp32 FMA peak", peak);
+        fprintf(out, "%-28s %10.2f GB/s\n", "read, storage buffer", rs);
+        fprintf(out, "%-28s %10.2f GB/s\n", "read, uniform texel buffer", rt);
+        fprintf(out, "%-28s %10.1f us\n", "dispatch (in a cmd buffer)", dus);
+        fprintf(out, "%-28s %10.1f us\n\n", "submit + wait, 1 dispatch", sus);
+        result r1 = {.name = "fma_peak", .unit = "gflops", .value = peak};
+        result r2 = {.name = "read_storage", .unit = "gbps", .value = rs};
+        result r3 = {.name = "read_texel", .unit = "gbps", .value = rt};
+        result r4 = {.name = "dispatch", .unit = "us", .value = dus};
+        result r5 = {.name = "submit", .unit = "us", .value = sus};
+        print_and_store(json, &first, &r1);
+        print_and_store(json, &first, &r2);
+        if (di->texel_rgba32f) print_and_store(json, &first, &r3);
+        print_and_store(json, &first, &r4);
+        print_and_store(json, &first, &r5);
+    }
+
+    {
+        static const uint32_t full[][3] = {{257, 384, 1536}, {257, 1536, 384}, {1370, 384, 1536},
+                                           {1370, 1536, 384}, {1024, 1024, 1024}};
+        static const uint32_t quick[][3] = {{257, 384, 1536}, {257, 1536, 384}};
+        const uint32_t(*shapes)[3] = o->quick ? quick : full;
+        int nshapes = o->quick ? 2 : 5;
+        vkg_mm_variant variants[2] = {o->variant ? o->variant : vkg_matmul_default_variant(ctx), 0};
+        int nvar = 1;
+        if (o->all_variants) {
+            variants[0] = VKG_MM_TEXEL;
+            variants[1] = VKG_MM_TILED;
+            nvar = di->texel_rgba32f && di->texel_rgba16f ? 2 : 1;
+            if (nvar == 1) variants[0] = VKG_MM_TILED;
+        }
+        int ncase = nshapes * 2 * nvar;
+        mm_case *cs = calloc((size_t)ncase, sizeof *cs);
+        if (!cs) {
+            st = vkg_fail(VKG_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+            goto done;
+        }
+        int ci = 0;
+        for (int v = 0; v < nvar; v++)
+            for (int s = 0; s < nshapes; s++)
+                for (int d = 0; d < 2; d++)
+                    cs[ci++] = (mm_case){shapes[s][0], shapes[s][1], shapes[s][2],
+                                         d ? VKG_DTYPE_F16 : VKG_DTYPE_F32, variants[v]};
+        for (int i = 0; i < ncase && st == VKG_SUCCESS; i++) st = mm_setup(ctx, &cs[i], reps);
+        /* Interleaved: repetition r of every case before repetition r+1 of any. */
+        for (int r = 0; r < reps && st == VKG_SUCCESS; r++)
+            for (int i = 0; i < ncase && st == VKG_SUCCESS; i++) st = time_submit(cs[i].cmd, &cs[i].samples[r]);
+        if (st == VKG_SUCCESS) {
+            fprintf(out, "%-7s %6s %6s %6s  %-5s %-5s %9s %8s %8s\n", "op", "M", "K", "N", "W", "var", "GFLOP/s",
+                    "ms", peak > 0 ? "% peak" : "");
+            for (int i = 0; i < ncase; i++) {
+                mm_case *c = &cs[i];
+                double t = median(c->samples, reps) / MM_INNER;
+                double gf = 2.0 * c->m * c->n * c->k / t * 1e-9;
+                result r = {.name = "matmul", .m = c->m, .k = c->k, .n = c->n, .unit = "gflops", .value = gf,
+                            .pct_peak = peak > 0 ? 100.0 * gf / peak : 0};
+                snprintf(r.dtype, sizeof r.dtype, "%s", c->wdt == VKG_DTYPE_F16 ? "f16" : "f32");
+                snprintf(r.variant, sizeof r.variant, "%s", variant_name(c->variant));
+                fprintf(out, "%-7s %6u %6u %6u  %-5s %-5s %9.2f %8.3f", "matmul", c->m, c->k, c->n, r.dtype, r.variant,
+                        gf, t * 1e3);
+                if (peak > 0) fprintf(out, " %7.1f%%", r.pct_peak);
+                fprintf(out, "\n");
+                print_and_store(json, &first, &r);
+            }
+        }
+        for (int i = 0; i < ncase; i++) mm_free(&cs[i]);
+        free(cs);
+    }
+done:
+    if (json) {
+        fprintf(json, "\n]\n");
+        if (fclose(json) != 0 && st == VKG_SUCCESS) st = vkg_fail(VKG_ERROR_IO, "cannot write %s", o->json_path);
+    }
+    return st;
+}

@@ -1,0 +1,313 @@
+/* Command recording: descriptor sets, texel views, the barriers the data flow needs and nothing more,
+ * and optional per-dispatch GPU timestamps. A recorded command buffer can be submitted many times. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+
+typedef struct access {
+    VkBuffer buffer;
+    VkDeviceSize begin, end;
+    bool write;
+} access;
+
+struct vkg_cmd {
+    vkg_context *ctx;
+    VkCommandBuffer cb;
+    bool ended, profile;
+
+    VkDescriptorPool *pools;
+    uint32_t npools, pool_left;
+    VkBufferView *views;
+    uint32_t nviews, capviews;
+
+    /* accesses since the last barrier: a new dispatch that conflicts with one of these needs one */
+    access *pending;
+    uint32_t npending, cappending;
+
+    uint32_t ndispatch, nbarrier;
+    VkQueryPool queries;
+    uint32_t capqueries;
+    const char **labels;
+    uint64_t *stamps;
+    bool stamps_valid;
+};
+
+enum { SETS_PER_POOL = 256, MAX_QUERIES = 4096 };
+
+static vkg_status new_pool(vkg_cmd *c)
+{
+    VkDescriptorPoolSize sizes[2] = {
+        {VK_DESCRIPTOR_TYPE_STORAGE_BUFFER, SETS_PER_POOL * VKG_MAX_BINDINGS},
+        {VK_DESCRIPTOR_TYPE_UNIFORM_TEXEL_BUFFER, SETS_PER_POOL * VKG_MAX_BINDINGS}};
+    VkDescriptorPoolCreateInfo ci = {.sType = VK_STRUCTURE_TYPE_DESCRIPTOR_POOL_CREATE_INFO,
+                                     .maxSets = SETS_PER_POOL, .poolSizeCount = 2, .pPoolSizes = sizes};
+    VkDescriptorPool *n = realloc(c->pools, (c->npools + 1) * sizeof *n);
+    if (!n) return vkg_fail(VKG_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+    c->pools = n;
+    VKG_VK(vkCreateDescriptorPool(c->ctx->device, &ci, NULL, &c->pools[c->npools]));
+    c->npools++;
+    c->pool_left = SETS_PER_POOL;
+    return VKG_SUCCESS;
+}
+
+vkg_status vkg_cmd_begin(vkg_context *ctx, bool profile, vkg_cmd **out)
+{
+    *out = NULL;
+    vkg_cmd *c = calloc(1, sizeof *c);
+    if (!c) return vkg_fail(VKG_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+    c->ctx = ctx;
+    c->profile = profile && ctx->info.timestamps;
+    VkCommandBufferAllocateInfo ai = {.sType = VK_STRUCTURE_TYPE_COMMAND_BUFFER_ALLOCATE_INFO,
+                                      .commandPool = ctx->cmd_pool, .level = VK_COMMAND_BUFFER_LEVEL_PRIMARY,
+                                      .commandBufferCount = 1};
+    VkResult r = vkAllocateCommandBuffers(ctx->device, &ai, &c->cb);
+    if (r != VK_SUCCESS) {
+        free(c);
+        return vkg_fail_vk(r, "vkAllocateCommandBuffers");
+    }
+    VkCommandBufferBeginInfo bi = {.sType = VK_STRUCTURE_TYPE_COMMAND_BUFFER_BEGIN_INFO};
+    r = vkBeginCommandBuffer(c->cb, &bi);
+    if (r != VK_SUCCESS) {
+        vkg_cmd_destroy(c);
+        return vkg_fail_vk(r, "vkBeginCommandBuffer");
+    }
+    if (c->profile) {
+        /* Stamp 0 opens the command buffer; stamp i+1 closes dispatch i. Reset inside the command
+         * buffer so every submission of it measures afresh. */
+        VkQueryPoolCreateInfo qi = {.sType = VK_STRUCTURE_TYPE_QUERY_POOL_CREATE_INFO,
+                                    .queryType = VK_QUERY_TYPE_TIMESTAMP, .queryCount = MAX_QUERIES};
+        r = vkCreateQueryPool(ctx->device, &qi, NULL, &c->queries);
+        c->stamps = calloc(MAX_QUERIES, sizeof *c->stamps);
+        if (r != VK_SUCCESS || !c->stamps) {
+            vkg_cmd_destroy(c);
+            return r != VK_SUCCESS ? vkg_fail_vk(r, "vkCreateQueryPool")
+                                   : vkg_fail(VKG_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+        }
+        vkCmdResetQueryPool(c->cb, c->queries, 0, MAX_QUERIES);
+        vkCmdWriteTimestamp(c->cb, VK_PIPELINE_STAGE_TOP_OF_PIPE_BIT, c->queries, 0);
+    }
+    *out = c;
+    return VKG_SUCCESS;
+}
+
+static vkg_status grow_labels(vkg_cmd *c)
+{
+    uint32_t cap = c->capqueries ? 2 * c->capqueries : 64;
+    const char **l = realloc(c->labels, cap * sizeof *l);
+    if (!l) return vkg_fail(VKG_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+    c->labels = l;
+    c->capqueries = cap;
+    return VKG_SUCCESS;
+}
+
+static bool overlaps(const access *a, VkBuffer buf, VkDeviceSize b, VkDeviceSize e)
+{
+    return a->buffer == buf && a->begin < e && b < a->end;
+}
+
+static vkg_status add_pending(vkg_cmd *c, access a)
+{
+    if (c->npending == c->cappending) {
+        uint32_t cap = c->cappending ? 2 * c->cappending : 32;
+        access *n = realloc(c->pending, cap * sizeof *n);
+        if (!n) return vkg_fail(VKG_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+        c->pending = n;
+        c->cappending = cap;
+    }
+    c->pending[c->npending++] = a;
+    return VKG_SUCCESS;
+}
+
+vkg_status vkg_cmd_dispatch(vkg_cmd *c, const vkg_pipeline *p, const vkg_binding *bindings, const void *push,
+                            uint32_t gx, uint32_t gy, uint32_t gz, const char *label)
+{
+    vkg_context *ctx = c->ctx;
+    if (c->ended) return vkg_fail(VKG_ERROR_INVALID_ARGUMENT, "vkg_cmd_dispatch after the recording ended");
+    const vkg_device_info *di = &ctx->info;
+    if (gx > di->max_workgroup_count[0] || gy > di->max_workgroup_count[1] || gz > di->max_workgroup_count[2])
+        return vkg_fail(VKG_ERROR_UNSUPPORTED, "%s: grid %ux%ux%u exceeds the device's workgroup count limits %ux%ux%u",
+                        label ? label : p->desc.shader, gx, gy, gz, di->max_workgroup_count[0],
+                        di->max_workgroup_count[1], di->max_workgroup_count[2]);
+
+    VkDescriptorBufferInfo bi[VKG_MAX_BINDINGS];
+    VkBufferView views[VKG_MAX_BINDINGS];
+    VkWriteDescriptorSet w[VKG_MAX_BINDINGS];
+    access acc[VKG_MAX_BINDINGS];
+    uint32_t n = p->desc.nbindings;
+    for (uint32_t i = 0; i < n; i++) {
+        const vkg_binding *b = &bindings[i];
+        if (!b->buf) return vkg_fail(VKG_ERROR_INVALID_ARGUMENT, "%s: binding %u has no buffer", label, i);
+        VkDeviceSize avail = b->buf->size > b->offset ? b->buf->size - b->offset : 0;
+        VkDeviceSize range = b->range ? b->range : avail;
+        if (b->offset > b->buf->size || range > avail)
+            return vkg_fail(VKG_ERROR_INVALID_ARGUMENT, "%s: binding %u range [%llu, +%llu) exceeds its buffer of %llu bytes",
+                            label, i, (unsigned long long)b->offset, (unsigned long long)range,
+                            (unsigned long long)b->buf->size);
+        /* Empty tensors bind a valid, unused word; fp16 data of odd length is read as whole 32-bit
+         * words. Both stay inside the allocation, which is padded to a multiple of 64 bytes. */
+        range = range ? (range + 3) / 4 * 4 : 4;
+        VkDeviceSize abs = b->buf->offset + b->offset;
+        acc[i] = (access){b->buf->buffer, abs, abs + range, b->write};
+        w[i] = (VkWriteDescriptorSet){.sType = VK_STRUCTURE_TYPE_WRITE_DESCRIPTOR_SET, .dstBinding = i,
+                                      .descriptorCount = 1};
+        if (p->desc.bindings[i] == VKG_BIND_STORAGE) {
+            if (range > di->max_storage_buffer_range)
+                return vkg_fail(VKG_ERROR_UNSUPPORTED,
+                                "%s: binding %u is %llu bytes, over the device's maxStorageBufferRange of %llu",
+                                label, i, (unsigned long long)range, (unsigned long long)di->max_storage_buffer_range);
+            if (abs % di->min_storage_offset_alignment)
+                return vkg_fail(VKG_ERROR_INVALID_ARGUMENT, "%s: binding %u offset %llu is not a multiple of %llu",
+                                label, i, (unsigned long long)abs, (unsigned long long)di->min_storage_offset_alignment);
+            bi[i] = (VkDescriptorBufferInfo){b->buf->buffer, abs, range};
+            w[i].descriptorType = VK_DESCRIPTOR_TYPE_STORAGE_BUFFER;
+            w[i].pBufferInfo = &bi[i];
+        } else {
+            VkDeviceSize texel = b->format == VK_FORMAT_R16G16B16A16_SFLOAT ? 8
+                               : b->format == VK_FORMAT_R32G32B32A32_SFLOAT ? 16
+                               : b->format == VK_FORMAT_R16G16_SFLOAT ? 4 : 4;
+            /* Whole texels only; a partial last texel is read through the allocation's padding
+             * (every suballocation is rounded up to 64 bytes), and kernels ignore it. */
+            range = (range + texel - 1) / texel * texel;
+            if (range / texel > di->max_texel_buffer_elements)
+                return vkg_fail(VKG_ERROR_UNSUPPORTED, "%s: binding %u has %llu texels, over maxTexelBufferElements %llu",
+                                label, i, (unsigned long long)(range / texel),
+                                (unsigned long long)di->max_texel_buffer_elements);
+            if (abs % di->min_texel_offset_alignment)
+                return vkg_fail(VKG_ERROR_INVALID_ARGUMENT, "%s: texel binding %u offset %llu is not a multiple of %llu",
+                                label, i, (unsigned long long)abs, (unsigned long long)di->min_texel_offset_alignment);
+            VkBufferViewCreateInfo vi = {.sType = VK_STRUCTURE_TYPE_BUFFER_VIEW_CREATE_INFO, .buffer = b->buf->buffer,
+                                         .format = b->format, .offset = abs, .range = range};
+            VKG_VK(vkCreateBufferView(ctx->device, &vi, NULL, &views[i]));
+            if (c->nviews == c->capviews) {
+                uint32_t cap = c->capviews ? 2 * c->capviews : 32;
+                VkBufferView *nv = realloc(c->views, cap * sizeof *nv);
+                if (!nv) {
+                    vkDestroyBufferView(ctx->device, views[i], NULL);
+                    return vkg_fail(VKG_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+                }
+                c->views = nv;
+                c->capviews = cap;
+            }
+            c->views[c->nviews++] = views[i];
+            w[i].descriptorType = VK_DESCRIPTOR_TYPE_UNIFORM_TEXEL_BUFFER;
+            w[i].pTexelBufferView = &views[i];
+        }
+    }
+
+    if (c->pool_left == 0) VKG_TRY(new_pool(c));
+    VkDescriptorSetAllocateInfo ai = {.sType = VK_STRUCTURE_TYPE_DESCRIPTOR_SET_ALLOCATE_INFO,
+                                      .descriptorPool = c->pools[c->npools - 1], .descriptorSetCount = 1,
+                                      .pSetLayouts = &p->set_layout};
+    VkDescriptorSet set;
+    VKG_VK(vkAllocateDescriptorSets(ctx->device, &ai, &set));
+    c->pool_left--;
+    for (uint32_t i = 0; i < n; i++) w[i].dstSet = set;
+    vkUpdateDescriptorSets(ctx->device, n, w, 0, NULL);
+
+    /* Hazards: read-after-write and write-after-write need the writes made visible; write-after-read
+     * needs only ordering, but one global memory barrier covers both and costs the same. */
+    bool need = false;
+    for (uint32_t i = 0; i < n && !need; i++)
+        for (uint32_t j = 0; j < c->npending && !need; j++)
+            if ((c->pending[j].write || acc[i].write) && overlaps(&c->pending[j], acc[i].buffer, acc[i].begin, acc[i].end))
+                need = true;
+    if (need) {
+        VkMemoryBarrier mb = {.sType = VK_STRUCTURE_TYPE_MEMORY_BARRIER,
+                              .srcAccessMask = VK_ACCESS_SHADER_WRITE_BIT | VK_ACCESS_SHADER_READ_BIT,
+                              .dstAccessMask = VK_ACCESS_SHADER_READ_BIT | VK_ACCESS_SHADER_WRITE_BIT};
+        vkCmdPipelineBarrier(c->cb, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, 0, 1,
+                             &mb, 0, NULL, 0, NULL);
+        c->npending = 0;
+        c->nbarrier++;
+    }
+    for (uint32_t i = 0; i < n; i++) VKG_TRY(add_pending(c, acc[i]));
+
+    vkCmdBindPipeline(c->cb, VK_PIPELINE_BIND_POINT_COMPUTE, p->pipeline);
+    vkCmdBindDescriptorSets(c->cb, VK_PIPELINE_BIND_POINT_COMPUTE, p->layout, 0, 1, &set, 0, NULL);
+    if (p->desc.push_size) vkCmdPushConstants(c->cb, p->layout, VK_SHADER_STAGE_COMPUTE_BIT, 0, p->desc.push_size, push);
+    if (c->profile && c->ndispatch + 1 >= MAX_QUERIES)
+        return vkg_fail(VKG_ERROR_UNSUPPORTED, "profiling records at most %d dispatches per command buffer",
+                        MAX_QUERIES - 1);
+    if (gx && gy && gz) vkCmdDispatch(c->cb, gx, gy, gz);
+    if (c->profile) {
+        if (c->ndispatch >= c->capqueries) VKG_TRY(grow_labels(c));
+        c->labels[c->ndispatch] = label ? label : p->desc.shader;
+        vkCmdWriteTimestamp(c->cb, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, c->queries, c->ndispatch + 1);
+    }
+    c->ndispatch++;
+    return VKG_SUCCESS;
+}
+
+vkg_status vkg_cmd_end(vkg_cmd *c)
+{
+    if (c->ended) return VKG_SUCCESS;
+    /* Results are read by the host after the fence: make shader writes visible to it. */
+    VkMemoryBarrier mb = {.sType = VK_STRUCTURE_TYPE_MEMORY_BARRIER, .srcAccessMask = VK_ACCESS_SHADER_WRITE_BIT,
+                          .dstAccessMask = VK_ACCESS_HOST_READ_BIT | VK_ACCESS_TRANSFER_READ_BIT};
+    vkCmdPipelineBarrier(c->cb, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT,
+                         VK_PIPELINE_STAGE_HOST_BIT | VK_PIPELINE_STAGE_TRANSFER_BIT, 0, 1, &mb, 0, NULL, 0, NULL);
+    VKG_VK(vkEndCommandBuffer(c->cb));
+    c->ended = true;
+    return VKG_SUCCESS;
+}
+
+vkg_status vkg_cmd_submit_wait(vkg_cmd *c)
+{
+    vkg_context *ctx = c->ctx;
+    VKG_TRY(vkg_cmd_end(c));
+    VkSubmitInfo si = {.sType = VK_STRUCTURE_TYPE_SUBMIT_INFO, .commandBufferCount = 1, .pCommandBuffers = &c->cb};
+    VKG_VK(vkQueueSubmit(ctx->queue, 1, &si, ctx->fence));
+    VkResult r = vkWaitForFences(ctx->device, 1, &ctx->fence, VK_TRUE, UINT64_MAX);
+    vkResetFences(ctx->device, 1, &ctx->fence);
+    if (r != VK_SUCCESS) return vkg_fail_vk(r, "vkWaitForFences");
+    if (c->queries && c->ndispatch) {
+        r = vkGetQueryPoolResults(ctx->device, c->queries, 0, c->ndispatch + 1, (c->ndispatch + 1) * sizeof(uint64_t),
+                                  c->stamps, sizeof(uint64_t), VK_QUERY_RESULT_64_BIT | VK_QUERY_RESULT_WAIT_BIT);
+        if (r != VK_SUCCESS) return vkg_fail_vk(r, "vkGetQueryPoolResults");
+        c->stamps_valid = true;
+    }
+    return vkg_context_check_validation(ctx);
+}
+
+void vkg_cmd_destroy(vkg_cmd *c)
+{
+    if (!c) return;
+    VkDevice dev = c->ctx->device;
+    if (c->cb) vkFreeCommandBuffers(dev, c->ctx->cmd_pool, 1, &c->cb);
+    for (uint32_t i = 0; i < c->npools; i++) vkDestroyDescriptorPool(dev, c->pools[i], NULL);
+    for (uint32_t i = 0; i < c->nviews; i++) vkDestroyBufferView(dev, c->views[i], NULL);
+    if (c->queries) vkDestroyQueryPool(dev, c->queries, NULL);
+    free(c->pools);
+    free(c->views);
+    free(c->pending);
+    free(c->labels);
+    free(c->stamps);
+    free(c);
+}
+
+vkg_context *vkg_cmd_context(const vkg_cmd *c) { return c->ctx; }
+uint32_t vkg_cmd_dispatch_count(const vkg_cmd *c) { return c->ndispatch; }
+uint32_t vkg_cmd_barrier_count(const vkg_cmd *c) { return c->nbarrier; }
+
+vkg_status vkg_cmd_dispatch_time_ns(const vkg_cmd *c, uint32_t i, double *ns, const char **label)
+{
+    if (!c->stamps_valid || i >= c->ndispatch)
+        return vkg_fail(VKG_ERROR_INVALID_ARGUMENT, "no timestamp for dispatch %u (profiling %s)", i,
+                        c->profile ? "on, not yet submitted" : "off or unsupported");
+    *ns = (double)(c->stamps[i + 1] - c->stamps[i]) * c->ctx->info.timestamp_period_ns;
+    if (label) *label = c->labels[i];
+    return VKG_SUCCESS;
+}
+
+void vkg_grid_1d(const vkg_context *ctx, uint64_t groups, uint32_t *gx, uint32_t *gy)
+{
+    uint64_t maxx = ctx->info.max_workgroup_count[0];
+    if (groups <= maxx) {
+        *gx = (uint32_t)groups;
+        *gy = groups ? 1 : 0;
+        return;
+    }
+    *gy = (uint32_t)((groups + maxx - 1) / maxx);
+    *gx = (uint32_t)((groups + *gy - 1) / *gy);
+}

@@ -1,0 +1,164 @@
+/* Internal runtime API shared by runtime/, graph/, loaders/, tools/, bench/ and tests/.
+ * Not installed: applications use include/vkg.h only. */
+#ifndef VKG_INTERNAL_H
+#define VKG_INTERNAL_H
+
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <vulkan/vulkan.h>
+
+#include "vkg.h"
+
+#define VKG_ARRAY_LEN(a) (sizeof(a) / sizeof((a)[0]))
+#define VKG_MIN(a, b) ((a) < (b) ? (a) : (b))
+#define VKG_MAX(a, b) ((a) > (b) ? (a) : (b))
+
+/* ---- errors (runtime/error.c) ---- */
+
+/* Records a formatted message for this thread and returns status, so failures read
+ * `return vkg_fail(VKG_ERROR_X, "...", ...);`. */
+vkg_status vkg_fail(vkg_status status, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Prepends "context: " to the current message (for callers that add which tensor/node failed). */
+vkg_status vkg_fail_prefix(vkg_status status, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+const char *vkg_vk_result_name(VkResult r);
+/* Maps a failed VkResult to a status and records "<call> failed: <VkResult>". */
+vkg_status vkg_fail_vk(VkResult r, const char *call);
+
+#define VKG_VK(call)                                                                              \
+    do {                                                                                          \
+        VkResult vkg__r = (call);                                                                 \
+        if (vkg__r != VK_SUCCESS) return vkg_fail_vk(vkg__r, #call);                              \
+    } while (0)
+
+#define VKG_TRY(expr)                                                                             \
+    do {                                                                                          \
+        vkg_status vkg__s = (expr);                                                               \
+        if (vkg__s != VKG_SUCCESS) return vkg__s;                                                 \
+    } while (0)
+
+/* ---- memory (runtime/memory.c) ---- */
+
+typedef struct vkg_block vkg_block;
+
+/* A suballocated range of one device-memory block. Owned by whoever called vkg_buf_create. */
+typedef struct vkg_buf {
+    vkg_context *ctx;
+    vkg_block *block;
+    VkBuffer buffer;      /* the block's VkBuffer; bind with offset */
+    VkDeviceSize offset;  /* of this range within buffer */
+    VkDeviceSize size;    /* bytes requested */
+    void *mapped;         /* host pointer when the block is host-visible, else NULL */
+} vkg_buf;
+
+vkg_status vkg_buf_create(vkg_context *ctx, VkDeviceSize size, vkg_buf **out);
+void vkg_buf_destroy(vkg_buf *buf);
+/* Host <-> device copies; through a mapping on unified memory, through a staging buffer otherwise.
+ * Both wait for completion. */
+vkg_status vkg_buf_upload(vkg_buf *buf, VkDeviceSize offset, const void *src, VkDeviceSize size);
+vkg_status vkg_buf_download(vkg_buf *buf, VkDeviceSize offset, void *dst, VkDeviceSize size);
+/* Bytes currently allocated from device memory blocks (for tests and reports). */
+VkDeviceSize vkg_mem_block_bytes(const vkg_context *ctx);
+
+/* ---- pipelines (runtime/pipeline.c) ---- */
+
+enum { VKG_MAX_BINDINGS = 8, VKG_MAX_SPEC = 16 };
+
+typedef enum vkg_bind_kind {
+    VKG_BIND_STORAGE = 0,       /* std430 storage buffer */
+    VKG_BIND_UNIFORM_TEXEL = 1  /* samplerBuffer */
+} vkg_bind_kind;
+
+typedef struct vkg_pipeline_desc {
+    const char *shader; /* embedded blob name */
+    uint32_t nbindings;
+    vkg_bind_kind bindings[VKG_MAX_BINDINGS];
+    uint32_t push_size; /* bytes */
+    uint32_t nspec;     /* constants with constant_id 0..nspec-1, all 32-bit */
+    uint32_t spec[VKG_MAX_SPEC];
+} vkg_pipeline_desc;
+
+typedef struct vkg_pipeline {
+    vkg_pipeline_desc desc;
+    VkDescriptorSetLayout set_layout;
+    VkPipelineLayout layout;
+    VkPipeline pipeline;
+} vkg_pipeline;
+
+/* Returns the context's cached pipeline for desc, creating it on first use. Owned by ctx. */
+vkg_status vkg_pipeline_get(vkg_context *ctx, const vkg_pipeline_desc *desc, const vkg_pipeline **out);
+
+/* ---- command recording (runtime/command.c) ---- */
+
+/* One binding of a dispatch: a byte range of a buffer, seen as a storage buffer or as a texel buffer
+ * of `format`. */
+typedef struct vkg_binding {
+    const vkg_buf *buf;
+    VkDeviceSize offset;
+    VkDeviceSize range; /* bytes; 0 = to the end of buf */
+    VkFormat format;    /* texel bindings only */
+    bool write;         /* the shader writes it (drives barriers) */
+} vkg_binding;
+
+typedef struct vkg_cmd vkg_cmd;
+
+/* Starts recording. *out is owned by the caller (vkg_cmd_destroy). `profile` records a GPU
+ * timestamp after every dispatch when the device supports timestamps. */
+vkg_status vkg_cmd_begin(vkg_context *ctx, bool profile, vkg_cmd **out);
+/* Records one dispatch; inserts a barrier first only if it reads or writes memory that an earlier,
+ * not yet fenced-off dispatch of this command buffer wrote (or writes what one read). `label` names
+ * the dispatch in profiles (kept by pointer: static strings). */
+vkg_status vkg_cmd_dispatch(vkg_cmd *cmd, const vkg_pipeline *p, const vkg_binding *bindings,
+                            const void *push, uint32_t gx, uint32_t gy, uint32_t gz, const char *label);
+/* Ends recording (once); afterwards the command buffer may be submitted any number of times. */
+vkg_status vkg_cmd_end(vkg_cmd *cmd);
+/* Submits and waits. Ends recording first if needed. Returns VKG_ERROR_VALIDATION if the layer
+ * spoke meanwhile. */
+vkg_status vkg_cmd_submit_wait(vkg_cmd *cmd);
+void vkg_cmd_destroy(vkg_cmd *cmd);
+vkg_context *vkg_cmd_context(const vkg_cmd *cmd);
+uint32_t vkg_cmd_dispatch_count(const vkg_cmd *cmd);
+uint32_t vkg_cmd_barrier_count(const vkg_cmd *cmd);
+/* After a profiled submit: GPU time of dispatch i in nanoseconds, and its label. */
+vkg_status vkg_cmd_dispatch_time_ns(const vkg_cmd *cmd, uint32_t i, double *ns, const char **label);
+
+/* Splits `groups` workgroups into an x,y grid within the device's per-dimension limit. */
+void vkg_grid_1d(const vkg_context *ctx, uint64_t groups, uint32_t *gx, uint32_t *gy);
+
+/* ---- context internals (runtime/context.c) ---- */
+
+struct vkg_context {
+    vkg_device_info info;
+    bool owns_instance, owns_device;
+    VkInstance instance;
+    VkPhysicalDevice phys;
+    VkDevice device;
+    VkQueue queue;
+    uint32_t queue_family;
+    VkDebugUtilsMessengerEXT messenger;
+    bool validation;
+    uint64_t validation_total;  /* messages over the lifetime */
+    uint64_t validation_unseen; /* since the last check */
+    char validation_first[1024];
+
+    VkCommandPool cmd_pool;
+    VkFence fence;
+    VkPipelineCache pipeline_cache;
+    char *pipeline_cache_path;
+
+    uint32_t mem_type;     /* memory type of every block */
+    bool mem_host_visible; /* blocks are mapped; no staging needed */
+    VkDeviceSize block_size;
+    VkDeviceSize alignment; /* every suballocation offset is a multiple of this */
+    VkDeviceSize max_allocation; /* maxMemoryAllocationSize */
+    vkg_block *blocks;
+
+    vkg_pipeline **pipelines;
+    uint32_t npipelines, cap_pipelines;
+};
+
+/* Runs a one-shot command buffer (uploads, downloads) and waits. */
+vkg_status vkg_context_run_once(vkg_context *ctx, void (*record)(VkCommandBuffer, void *), void *user);
+
+#endif

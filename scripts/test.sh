@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The whole test suite on a fresh machine: install, then build and test three ways:
+#   gcc (release + asserts), clang, and clang with AddressSanitizer + UndefinedBehaviorSanitizer.
+# Every GPU test runs as its own short process under VK_LAYER_KHRONOS_validation (VKG_VALIDATION=1,
+# set by ctest), so a lavapipe crash is contained to one test and reported as a failure.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+mkdir -p build
+export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$PWD/build/xdg}"
+mkdir -p "$XDG_RUNTIME_DIR"
+jobs=$(nproc)
+
+echo "== gcc"
+bash scripts/build.sh build/gcc -DCMAKE_C_COMPILER=gcc -DCMAKE_BUILD_TYPE=RelWithDebInfo
+ctest --test-dir build/gcc --output-on-failure -j "$jobs"
+
+echo "== clang"
+bash scripts/build.sh build/clang -DCMAKE_C_COMPILER=clang -DCMAKE_BUILD_TYPE=RelWithDebInfo
+ctest --test-dir build/clang --output-on-failure -j "$jobs"
+
+echo "== clang + ASan + UBSan"
+bash scripts/build.sh build/asan -DCMAKE_C_COMPILER=clang -DCMAKE_BUILD_TYPE=Debug -DVKG_SANITIZE=ON
+# Leaks inside the Vulkan loader, lavapipe and the validation layer are theirs, not ours.
+export LSAN_OPTIONS="suppressions=$PWD/tests/lsan.supp:print_suppressions=0"
+export ASAN_OPTIONS="detect_leaks=1:abort_on_error=1"
+export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
+ctest --test-dir build/asan --output-on-failure -j "$jobs" -E '^cli_bench_smoke$'

@@ -1,0 +1,24 @@
+#version 450
+// Shader read bandwidth: each invocation sums `per` vec4 loads spaced a grid apart (coalesced across
+// invocations), through a storage buffer or a uniform texel buffer.
+layout(local_size_x_id = 0) in;
+#ifdef VKG_READ_TEXEL
+layout(binding = 0) uniform samplerBuffer src;
+#define LOAD(i) texelFetch(src, int(i))
+#else
+layout(std430, binding = 0) readonly buffer S { vec4 src[]; };
+#define LOAD(i) src[i]
+#endif
+layout(std430, binding = 1) writeonly buffer Y { float y[]; };
+layout(push_constant) uniform P { uint per; uint total; } pc;
+
+void main()
+{
+    uint g = gl_GlobalInvocationID.x, stride = gl_NumWorkGroups.x * gl_WorkGroupSize.x;
+    vec4 acc = vec4(0.0);
+    for (uint i = 0; i < pc.per; i++) {
+        uint idx = g + i * stride;
+        if (idx < pc.total) acc += LOAD(idx);
+    }
+    y[g] = acc.x + acc.y + acc.z + acc.w;
+}

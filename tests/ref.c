@@ -1,0 +1,134 @@
+#include "ref.h"
+
+#include <math.h>
+#include <string.h>
+
+double ref_gelu(double x) { return 0.5 * x * (1.0 + erf(x / sqrt(2.0))); }
+
+static double act_d(double v, int act)
+{
+    if (act == 1) return v > 0 ? v : 0;
+    if (act == 2) return ref_gelu(v);
+    return v;
+}
+
+void ref_matmul(const float *x, const float *w, const float *bias, float *y, double *mag, uint32_t batch,
+                uint32_t m, uint32_t n, uint32_t k, int w_shared, int act)
+{
+    for (uint32_t b = 0; b < batch; b++) {
+        const float *xb = x + (size_t)b * m * k;
+        const float *wb = w + (w_shared ? 0 : (size_t)b * n * k);
+        for (uint32_t i = 0; i < m; i++)
+            for (uint32_t j = 0; j < n; j++) {
+                double s = bias ? bias[j] : 0.0, a = bias ? fabs(bias[j]) : 0.0;
+                for (uint32_t kk = 0; kk < k; kk++) {
+                    double p = (double)xb[(size_t)i * k + kk] * wb[(size_t)j * k + kk];
+                    s += p;
+                    a += fabs(p);
+                }
+                size_t o = (size_t)b * m * n + (size_t)i * n + j;
+                y[o] = (float)act_d(s, act);
+                if (mag) mag[o] = a;
+            }
+    }
+}
+
+void ref_layernorm(const float *x, const float *gamma, const float *beta, float *y, double *mag, uint32_t rows,
+                   uint32_t d, float eps)
+{
+    for (uint32_t r = 0; r < rows; r++) {
+        const float *xr = x + (size_t)r * d;
+        double mean = 0, var = 0;
+        for (uint32_t i = 0; i < d; i++) mean += xr[i];
+        mean /= d;
+        for (uint32_t i = 0; i < d; i++) var += (xr[i] - mean) * (xr[i] - mean);
+        var /= d;
+        double rstd = 1.0 / sqrt(var + eps), xmax = 0;
+        for (uint32_t i = 0; i < d; i++) xmax = fabs(xr[i]) > xmax ? fabs(xr[i]) : xmax;
+        for (uint32_t i = 0; i < d; i++) {
+            double o = (xr[i] - mean) * rstd;
+            if (gamma) o = o * gamma[i] + beta[i];
+            y[(size_t)r * d + i] = (float)o;
+            if (mag) mag[(size_t)r * d + i] = xmax * rstd * (gamma ? fabs(gamma[i]) : 1.0);
+        }
+    }
+}
+
+void ref_unary(const float *x, float *y, uint64_t n, int act)
+{
+    for (uint64_t i = 0; i < n; i++) y[i] = (float)act_d(x[i], act);
+}
+
+void ref_softmax(const float *x, float *y, uint32_t rows, uint32_t d)
+{
+    for (uint32_t r = 0; r < rows; r++) {
+        const float *xr = x + (size_t)r * d;
+        double m = -INFINITY, s = 0;
+        for (uint32_t i = 0; i < d; i++) m = xr[i] > m ? xr[i] : m;
+        for (uint32_t i = 0; i < d; i++) s += exp(xr[i] - m);
+        for (uint32_t i = 0; i < d; i++) y[(size_t)r * d + i] = (float)(exp(xr[i] - m) / s);
+    }
+}
+
+void ref_binary(int op, const float *a, const uint32_t *as, uint32_t ar, const float *b, const uint32_t *bs,
+                uint32_t br, float *y, const uint32_t *out, uint32_t orank)
+{
+    uint64_t n = 1;
+    for (uint32_t i = 0; i < orank; i++) n *= out[i];
+    for (uint64_t e = 0; e < n; e++) {
+        /* Multi-index of e in `out`, then each operand's own flat index (size-1 dims read index 0). */
+        uint64_t rem = e, ia = 0, ib = 0, sa = 1, sb = 1;
+        for (int d = (int)orank - 1; d >= 0; d--) {
+            uint64_t c = rem % out[d];
+            rem /= out[d];
+            int da = d - (int)(orank - ar), db = d - (int)(orank - br);
+            if (da >= 0) {
+                if (as[da] != 1) ia += c * sa;
+                sa *= as[da];
+            }
+            if (db >= 0) {
+                if (bs[db] != 1) ib += c * sb;
+                sb *= bs[db];
+            }
+        }
+        y[e] = op == 0 ? a[ia] + b[ib] : a[ia] * b[ib];
+    }
+}
+
+uint16_t ref_f32_to_f16(float f)
+{
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    uint32_t sign = (x >> 16) & 0x8000u;
+    uint32_t ax = x & 0x7fffffffu;
+    if (ax >= 0x7f800000u) return (uint16_t)(sign | 0x7c00u | (ax > 0x7f800000u ? 0x200u : 0)); /* inf / nan */
+    if (ax >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u);                                   /* overflow */
+    if (ax < 0x38800000u) {                                                                     /* subnormal */
+        float v;
+        memcpy(&v, &ax, 4);
+        /* value / 2^-24, rounded to nearest even by the FPU's default mode */
+        float q = v * 16777216.0f;
+        uint32_t r = (uint32_t)nearbyintf(q);
+        return (uint16_t)(sign | r);
+    }
+    uint32_t mant = ax & 0x7fffffu;
+    uint32_t e = (ax >> 23) - 127 + 15;
+    uint32_t h = (e << 10) | (mant >> 13);
+    uint32_t rest = mant & 0x1fffu;
+    if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) h++;
+    return (uint16_t)(sign | h);
+}
+
+float ref_f16_to_f32(uint16_t h)
+{
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ff;
+    float v;
+    if (e == 0) v = ldexpf((float)m, -24);
+    else if (e == 31) v = m ? NAN : INFINITY;
+    else v = ldexpf((float)(m | 0x400), (int)e - 25);
+    uint32_t bits;
+    memcpy(&bits, &v, 4);
+    bits |= sign;
+    memcpy(&v, &bits, 4);
+    return v;
+}

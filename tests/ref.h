@@ -1,0 +1,25 @@
+/* Plain CPU references for every op, in double precision where it matters. The GPU kernels are
+ * checked against these; they are written for obviousness, not speed. */
+#ifndef VKG_TEST_REF_H
+#define VKG_TEST_REF_H
+#include <stdint.h>
+
+/* y[b,m,n] = act(sum_k x[b,m,k] w[b?,n,k] + bias[n]); also returns sum_k |x w| per output in mag
+ * (for error bounds) when mag is not NULL. act: 0 none, 1 relu, 2 gelu(erf). */
+void ref_matmul(const float *x, const float *w, const float *bias, float *y, double *mag, uint32_t batch,
+                uint32_t m, uint32_t n, uint32_t k, int w_shared, int act);
+/* mag (optional) gets each output's conditioning scale, max|x_row| * rstd * |gamma|: fp32 rounding of
+ * the inputs moves the output by about FLT_EPSILON times this. */
+void ref_layernorm(const float *x, const float *gamma, const float *beta, float *y, double *mag, uint32_t rows,
+                   uint32_t d, float eps);
+void ref_unary(const float *x, float *y, uint64_t n, int act);
+void ref_softmax(const float *x, float *y, uint32_t rows, uint32_t d);
+/* NumPy-broadcast add (op 0) or multiply (op 1); shapes right-aligned; y has `out` shape. */
+void ref_binary(int op, const float *a, const uint32_t *as, uint32_t ar, const float *b, const uint32_t *bs,
+                uint32_t br, float *y, const uint32_t *out, uint32_t orank);
+double ref_gelu(double x);
+
+/* IEEE half conversions, round to nearest even, with subnormals. */
+uint16_t ref_f32_to_f16(float f);
+float ref_f16_to_f32(uint16_t h);
+#endif

@@ -1,0 +1,326 @@
+/* One driver for every kernel, ggml-style: `test_ops OP [--variant V] [--inject-fault]` runs OP on
+ * ragged shapes (sizes 1, odd, primes, not multiples of any tile, empty) against the CPU reference in
+ * ref.c, under the validation layer. ctest runs each op as its own process, so a driver crash is
+ * contained to one test. */
+#include <float.h>
+
+#include "harness.h"
+#include "ref.h"
+
+/* Runs the recorded command twice and checks the two outputs are bit-identical. */
+static int check_deterministic(vkg_cmd *cmd, vkg_buf *y, size_t n, const char *what)
+{
+    float *a = h_download(y, n);
+    vkg_status s = vkg_cmd_submit_wait(cmd);
+    float *b = h_download(y, n);
+    CHECK(s == VKG_SUCCESS, "%s: resubmit: %s", what, vkg_last_error());
+    CHECK(n == 0 || memcmp(a, b, n * sizeof(float)) == 0, "%s: second run differs from the first", what);
+    free(a);
+    free(b);
+    return 0;
+}
+
+/* ---- matmul ---- */
+
+typedef struct mm_shape {
+    uint32_t batch, m, k, n;
+    int w_shared;
+} mm_shape;
+
+static int run_matmul_case(vkg_context *ctx, vkg_mm_variant variant, mm_shape s, vkg_dtype wdt, int act, int bias,
+                           uint32_t seed)
+{
+    size_t nx = (size_t)s.batch * s.m * s.k, nw = (size_t)(s.w_shared ? 1 : s.batch) * s.n * s.k;
+    size_t ny = (size_t)s.batch * s.m * s.n;
+    float *x = malloc((nx + 1) * 4), *w = malloc((nw + 1) * 4), *b = malloc((s.n + 1) * 4);
+    float *want = malloc((ny + 1) * 4);
+    double *mag = malloc((ny + 1) * sizeof(double));
+    uint16_t *wh = malloc((nw + 1) * 2);
+    h_fill(x, nx, seed, -1.0f, 1.0f);
+    h_fill(w, nw, seed + 1, -1.0f, 1.0f);
+    h_fill(b, s.n, seed + 2, -0.5f, 0.5f);
+    if (wdt == VKG_DTYPE_F16) /* the reference sees exactly the weights the GPU decodes */
+        for (size_t i = 0; i < nw; i++) {
+            wh[i] = ref_f32_to_f16(w[i]);
+            w[i] = ref_f16_to_f32(wh[i]);
+        }
+    ref_matmul(x, w, bias ? b : NULL, want, mag, s.batch, s.m, s.n, s.k, s.w_shared, act);
+    /* fp32 accumulation error grows ~sqrt(k) in the sum of |x w|; GELU's erf adds ~1e-7 absolute. */
+    for (size_t i = 0; i < ny; i++) mag[i] *= 2.0 * sqrt((double)s.k + 1.0) * FLT_EPSILON;
+
+    vkg_buf *bx = h_upload(ctx, x, nx * 4);
+    vkg_buf *bw = wdt == VKG_DTYPE_F16 ? h_upload(ctx, wh, nw * 2) : h_upload(ctx, w, nw * 4);
+    vkg_buf *bb = h_upload(ctx, b, (size_t)s.n * 4);
+    vkg_buf *by = NULL;
+    OK(vkg_buf_create(ctx, ny * 4, &by));
+    vkg_cmd *cmd = NULL;
+    OK(vkg_cmd_begin(ctx, false, &cmd));
+    vkg_matmul_args a = {.x = {bx, 0}, .w = {bw, 0}, .bias = {bias ? bb : NULL, 0}, .y = {by, 0},
+                         .batch = s.batch, .m = s.m, .n = s.n, .k = s.k, .w_shared = s.w_shared != 0,
+                         .w_dtype = wdt, .act = (vkg_act)act, .variant = variant};
+    OK(vkg_matmul(cmd, &a));
+    OK(vkg_cmd_submit_wait(cmd));
+    float *got = h_download(by, ny);
+    h_maybe_fault(got, ny);
+    char what[160];
+    snprintf(what, sizeof what, "matmul %s b=%u m=%u k=%u n=%u w=%s%s act=%d bias=%d",
+             variant == VKG_MM_TEXEL ? "texel" : "tiled", s.batch, s.m, s.k, s.n,
+             wdt == VKG_DTYPE_F16 ? "f16" : "f32", s.w_shared ? "(shared)" : "", act, bias);
+    h_compare(what, got, want, mag, ny, 2e-6, 2e-7);
+    check_deterministic(cmd, by, ny, what);
+    free(got);
+    vkg_cmd_destroy(cmd);
+    vkg_buf_destroy(bx);
+    vkg_buf_destroy(bw);
+    vkg_buf_destroy(bb);
+    vkg_buf_destroy(by);
+    free(x);
+    free(w);
+    free(b);
+    free(want);
+    free(mag);
+    free(wh);
+    return 0;
+}
+
+static int test_matmul(vkg_context *ctx, vkg_mm_variant variant)
+{
+    static const mm_shape shapes[] = {
+        {1, 1, 1, 1, 1},     {1, 1, 4, 1, 1},      {1, 1, 7, 3, 1},      {1, 7, 12, 5, 1},    {1, 3, 5, 7, 1},
+        {1, 33, 388, 97, 1}, {1, 17, 13, 64, 1},   {1, 64, 64, 64, 1},   {1, 65, 68, 129, 1}, {1, 31, 96, 67, 1},
+        {3, 2, 8, 3, 0},     {4, 5, 20, 9, 1},     {2, 9, 11, 13, 0},    {1, 0, 16, 8, 1},    {1, 4, 0, 6, 1},
+        {1, 5, 16, 0, 1},    {1, 257, 384, 131, 1}, {1, 1, 1536, 37, 1}, {2, 70, 36, 70, 0}};
+    uint32_t seed = 100;
+    for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++)
+        for (int d = 0; d < 2; d++) {
+            int act = (int)((i + (size_t)d) % 3);
+            int bias = (i + (size_t)d) % 4 != 3;
+            if (run_matmul_case(ctx, variant, shapes[i], d ? VKG_DTYPE_F16 : VKG_DTYPE_F32, act, bias, seed++)) return 1;
+        }
+    /* Out-of-range operands are refused with a message naming the operand. */
+    vkg_buf *small = NULL;
+    vkg_cmd *cmd = NULL;
+    OK(vkg_buf_create(ctx, 16, &small));
+    OK(vkg_cmd_begin(ctx, false, &cmd));
+    vkg_matmul_args bad = {.x = {small, 0}, .w = {small, 0}, .y = {small, 0}, .m = 4, .n = 4, .k = 4,
+                           .w_shared = true, .variant = variant};
+    vkg_status s = vkg_matmul(cmd, &bad);
+    CHECK(s == VKG_ERROR_INVALID_ARGUMENT && strstr(vkg_last_error(), "x needs 64 bytes"),
+          "oversized x: got %s: %s", vkg_status_name(s), vkg_last_error());
+    bad.w_dtype = VKG_DTYPE_I32;
+    s = vkg_matmul(cmd, &bad);
+    CHECK(s == VKG_ERROR_UNSUPPORTED && strstr(vkg_last_error(), "dtype"), "i32 weights: got %s: %s",
+          vkg_status_name(s), vkg_last_error());
+    vkg_cmd_destroy(cmd);
+    vkg_buf_destroy(small);
+    return 0;
+}
+
+/* ---- layernorm ---- */
+
+static int test_layernorm(vkg_context *ctx)
+{
+    static const uint32_t shapes[][2] = {{1, 1}, {1, 2}, {3, 7}, {5, 384}, {17, 1000}, {2, 129}, {0, 5}, {70001, 3}};
+    for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++)
+        for (int affine = 0; affine < 2; affine++) {
+            uint32_t rows = shapes[i][0], d = shapes[i][1];
+            size_t n = (size_t)rows * d;
+            float eps = affine ? 1e-6f : 1e-5f;
+            float *x = malloc(n * 4 + 4), *g = malloc(d * 4 + 4), *b = malloc(d * 4 + 4), *want = malloc(n * 4 + 4);
+            double *mag = malloc(n * sizeof(double) + 8);
+            h_fill(x, n, (uint32_t)i * 7 + 1, -2.0f, 3.0f);
+            h_fill(g, d, (uint32_t)i * 7 + 2, 0.5f, 1.5f);
+            h_fill(b, d, (uint32_t)i * 7 + 3, -0.5f, 0.5f);
+            ref_layernorm(x, affine ? g : NULL, b, want, mag, rows, d, eps);
+            for (size_t e = 0; e < n; e++) mag[e] *= 16.0 * FLT_EPSILON;
+            vkg_buf *bx = h_upload(ctx, x, n * 4), *bg = h_upload(ctx, g, d * 4), *bb = h_upload(ctx, b, d * 4), *by;
+            OK(vkg_buf_create(ctx, n * 4, &by));
+            vkg_cmd *cmd;
+            OK(vkg_cmd_begin(ctx, false, &cmd));
+            OK(vkg_layernorm(cmd, (vkg_tref){bx, 0}, (vkg_tref){affine ? bg : NULL, 0}, (vkg_tref){affine ? bb : NULL, 0},
+                             (vkg_tref){by, 0}, rows, d, eps));
+            OK(vkg_cmd_submit_wait(cmd));
+            float *got = h_download(by, n);
+            h_maybe_fault(got, n);
+            char what[96];
+            snprintf(what, sizeof what, "layernorm rows=%u d=%u affine=%d eps=%g", rows, d, affine, (double)eps);
+            h_compare(what, got, want, mag, n, 1e-6, 1e-6);
+            check_deterministic(cmd, by, n, what);
+            free(got);
+            vkg_cmd_destroy(cmd);
+            vkg_buf_destroy(bx);
+            vkg_buf_destroy(bg);
+            vkg_buf_destroy(bb);
+            vkg_buf_destroy(by);
+            free(x);
+            free(g);
+            free(b);
+            free(want);
+            free(mag);
+        }
+    return 0;
+}
+
+/* ---- unary (relu, gelu) ---- */
+
+static int test_unary(vkg_context *ctx)
+{
+    /* The largest size needs more than 65535 workgroups in x: it exercises the 2D grid split. */
+    static const uint64_t sizes[] = {1, 7, 256, 257, 1000, 65537, 16777216 + 300};
+    for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++)
+        for (int act = 1; act <= 2; act++) {
+            uint64_t n = sizes[i];
+            if (act == 2 && n > 1000000) continue; /* one huge case is enough; relu's reference is cheap */
+            float *x = malloc(n * 4), *want = malloc(n * 4);
+            h_fill(x, n, (uint32_t)i + 11, -6.0f, 6.0f);
+            ref_unary(x, want, n, act);
+            vkg_buf *bx = h_upload(ctx, x, n * 4), *by;
+            OK(vkg_buf_create(ctx, n * 4, &by));
+            vkg_cmd *cmd;
+            OK(vkg_cmd_begin(ctx, false, &cmd));
+            OK(vkg_unary(cmd, (vkg_act)act, (vkg_tref){bx, 0}, (vkg_tref){by, 0}, n));
+            OK(vkg_cmd_submit_wait(cmd));
+            float *got = h_download(by, n);
+            h_maybe_fault(got, n);
+            char what[64];
+            snprintf(what, sizeof what, "%s n=%llu", act == 1 ? "relu" : "gelu", (unsigned long long)n);
+            /* ReLU is exact; erf-GELU within 1e-6 of the double-precision reference. */
+            h_compare(what, got, want, NULL, n, act == 1 ? 0.0 : 1e-6, act == 1 ? 0.0 : 1e-6);
+            free(got);
+            vkg_cmd_destroy(cmd);
+            vkg_buf_destroy(bx);
+            vkg_buf_destroy(by);
+            free(x);
+            free(want);
+        }
+    return 0;
+}
+
+/* ---- softmax ---- */
+
+static int test_softmax(vkg_context *ctx)
+{
+    static const uint32_t shapes[][2] = {{1, 1}, {3, 7}, {2, 1000}, {5, 65}, {4, 1370}, {0, 3}, {6, 31}, {1, 257}};
+    for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++) {
+        uint32_t rows = shapes[i][0], d = shapes[i][1];
+        size_t n = (size_t)rows * d;
+        float *x = malloc(n * 4 + 4), *want = malloc(n * 4 + 4);
+        h_fill(x, n, (uint32_t)i + 21, -10.0f, 10.0f);
+        ref_softmax(x, want, rows, d);
+        vkg_buf *bx = h_upload(ctx, x, n * 4), *by;
+        OK(vkg_buf_create(ctx, n * 4, &by));
+        vkg_cmd *cmd;
+        OK(vkg_cmd_begin(ctx, false, &cmd));
+        OK(vkg_softmax(cmd, (vkg_tref){bx, 0}, (vkg_tref){by, 0}, rows, d));
+        OK(vkg_cmd_submit_wait(cmd));
+        float *got = h_download(by, n);
+        h_maybe_fault(got, n);
+        char what[64];
+        snprintf(what, sizeof what, "softmax rows=%u d=%u", rows, d);
+        h_compare(what, got, want, NULL, n, 1e-8, 2e-6);
+        check_deterministic(cmd, by, n, what);
+        free(got);
+        vkg_cmd_destroy(cmd);
+        vkg_buf_destroy(bx);
+        vkg_buf_destroy(by);
+        free(x);
+        free(want);
+    }
+    return 0;
+}
+
+/* ---- binary (add, mul with broadcasting) ---- */
+
+typedef struct bin_case {
+    uint32_t ar, as[8], br, bs[8];
+} bin_case;
+
+static int test_binary(vkg_context *ctx)
+{
+    static const bin_case cases[] = {
+        {1, {1}, 1, {1}},
+        {1, {7}, 1, {7}},
+        {3, {2, 3, 4}, 1, {4}},
+        {3, {2, 1, 4}, 2, {3, 1}},
+        {1, {1}, 1, {5}},
+        {1, {6}, 1, {1}},
+        {2, {257, 384}, 1, {384}},       /* LayerScale */
+        {3, {2, 257, 384}, 3, {2, 257, 384}}, /* residual add */
+        {8, {2, 1, 3, 1, 2, 1, 3, 2}, 8, {1, 2, 1, 3, 1, 2, 3, 1}},
+        {2, {0, 4}, 1, {4}},
+        {4, {3, 1, 5, 1}, 4, {1, 4, 1, 6}},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
+        for (int op = 0; op < 2; op++) {
+            const bin_case *c = &cases[i];
+            uint32_t out[8], orank;
+            OK(vkg_broadcast_shape(c->as, c->ar, c->bs, c->br, out, &orank));
+            size_t na = 1, nb = 1, ny = 1;
+            for (uint32_t d = 0; d < c->ar; d++) na *= c->as[d];
+            for (uint32_t d = 0; d < c->br; d++) nb *= c->bs[d];
+            for (uint32_t d = 0; d < orank; d++) ny *= out[d];
+            float *a = malloc(na * 4 + 4), *b = malloc(nb * 4 + 4), *want = malloc(ny * 4 + 4);
+            h_fill(a, na, (uint32_t)i + 31, -2.0f, 2.0f);
+            h_fill(b, nb, (uint32_t)i + 41, -2.0f, 2.0f);
+            ref_binary(op, a, c->as, c->ar, b, c->bs, c->br, want, out, orank);
+            vkg_buf *ba = h_upload(ctx, a, na * 4), *bb = h_upload(ctx, b, nb * 4), *by;
+            OK(vkg_buf_create(ctx, ny * 4, &by));
+            vkg_cmd *cmd;
+            OK(vkg_cmd_begin(ctx, false, &cmd));
+            OK(vkg_binary(cmd, (vkg_binop)op, (vkg_tref){ba, 0}, c->as, c->ar, (vkg_tref){bb, 0}, c->bs, c->br,
+                          (vkg_tref){by, 0}));
+            OK(vkg_cmd_submit_wait(cmd));
+            float *got = h_download(by, ny);
+            h_maybe_fault(got, ny);
+            char what[64];
+            snprintf(what, sizeof what, "%s case %zu (rank %u, n=%zu)", op ? "mul" : "add", i, orank, ny);
+            h_compare(what, got, want, NULL, ny, 0.0, 0.0); /* one IEEE op per element: exact */
+            free(got);
+            vkg_cmd_destroy(cmd);
+            vkg_buf_destroy(ba);
+            vkg_buf_destroy(bb);
+            vkg_buf_destroy(by);
+            free(a);
+            free(b);
+            free(want);
+        }
+    uint32_t s1[2] = {3, 4}, s2[1] = {5}, out[8], r;
+    vkg_status s = vkg_broadcast_shape(s1, 2, s2, 1, out, &r);
+    CHECK(s == VKG_ERROR_INVALID_ARGUMENT && strstr(vkg_last_error(), "is 4 in a and 5 in b"),
+          "incompatible shapes: %s: %s", vkg_status_name(s), vkg_last_error());
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    const char *op = argc > 1 ? argv[1] : "";
+    vkg_mm_variant variant = VKG_MM_AUTO;
+    for (int i = 2; i < argc; i++) {
+        if (!strcmp(argv[i], "--inject-fault")) h_inject_fault = 1;
+        else if (!strcmp(argv[i], "--variant") && i + 1 < argc) {
+            i++;
+            variant = !strcmp(argv[i], "texel") ? VKG_MM_TEXEL : !strcmp(argv[i], "tiled") ? VKG_MM_TILED : VKG_MM_AUTO;
+        }
+    }
+    vkg_context *ctx = h_context();
+    int r;
+    if (!strcmp(op, "matmul")) {
+        if (variant == VKG_MM_TEXEL && !vkg_matmul_texel_supported(ctx)) {
+            /* Such a device never selects this variant (vkg_matmul_default_variant). */
+            printf("matmul texel: device lacks subgroup size 8 or RGBA texel buffers; variant unavailable\n");
+            vkg_context_destroy(ctx);
+            return 77;
+        }
+        r = test_matmul(ctx, variant);
+    } else if (!strcmp(op, "layernorm")) r = test_layernorm(ctx);
+    else if (!strcmp(op, "unary")) r = test_unary(ctx);
+    else if (!strcmp(op, "softmax")) r = test_softmax(ctx);
+    else if (!strcmp(op, "binary")) r = test_binary(ctx);
+    else {
+        fprintf(stderr, "usage: test_ops matmul|layernorm|unary|softmax|binary [--variant tiled|texel] [--inject-fault]\n");
+        vkg_context_destroy(ctx);
+        return 2;
+    }
+    if (r) h_failures++;
+    return h_finish(ctx, op);
+}
