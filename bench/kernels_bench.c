@@ -156,12 +156,12 @@ static vkg_status bench_read(vkg_context *ctx, bool texel, int reps, double *gbp
         return st;
     }
     if (src->mapped) memset(src->mapped, 0, vec4s * 16);
-    vkg_pipeline_desc pd = {.shader = texel ? "bench_read_texel" : "bench_read_ssbo", .nbindings = 2, .push_size = 8,
+    vkg_pipeline_desc pd = {.shader = texel ? "bench_read_texel" : "bench_read_ssbo", .nbindings = 2, .push_size = 4,
                             .nspec = 1, .spec = {wg},
                             .bindings = {texel ? VKG_BIND_UNIFORM_TEXEL : VKG_BIND_STORAGE, VKG_BIND_STORAGE}};
     const vkg_pipeline *p;
     vkg_cmd *cmd = NULL;
-    struct { uint32_t per, total; } pc = {per, (uint32_t)vec4s};
+    struct { uint32_t per; } pc = {per}; /* vec4s is a multiple of 2 * wg * groups */
     vkg_binding b[2] = {{src, 0, 0, VK_FORMAT_R32G32B32A32_SFLOAT, false}, {y, 0, 0, 0, true}};
     double *t = calloc((size_t)reps, sizeof *t);
     if (!t) st = vkg_fail(VKG_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");

@@ -153,6 +153,133 @@ vkg_status vkg_context_check_validation(vkg_context *ctx);
 /* Number of validation messages received over the context's lifetime. */
 uint64_t vkg_context_validation_count(const vkg_context *ctx);
 
+
+/* ---------------------------------------------------------------------------------------------- */
+/* Graphs: the .vkg file format (docs/graph-format.md)                                             */
+
+typedef enum vkg_tensor_role {
+    VKG_ROLE_INTERMEDIATE = 0,
+    VKG_ROLE_INPUT = 1,
+    VKG_ROLE_OUTPUT = 2,
+    VKG_ROLE_CONSTANT = 3
+} vkg_tensor_role;
+
+typedef enum vkg_attr_type {
+    VKG_ATTR_INT = 1,
+    VKG_ATTR_FLOAT = 2,
+    VKG_ATTR_STRING = 3,
+    VKG_ATTR_INTS = 4,
+    VKG_ATTR_FLOATS = 5
+} vkg_attr_type;
+
+#define VKG_MAX_DIMS 8
+#define VKG_NO_TENSOR 0xFFFFFFFFu /* an absent optional node input */
+
+/* A tensor's description. dims[i] < 0 marks a symbolic size named sym[i] (e.g. "batch"). */
+typedef struct vkg_tensor_info {
+    const char *name;
+    vkg_dtype dtype;
+    vkg_tensor_role role;
+    uint32_t rank;
+    int64_t dims[VKG_MAX_DIMS];
+    const char *sym[VKG_MAX_DIMS];
+} vkg_tensor_info;
+
+/* ---- the C writer: builds a graph in code and serializes it ---- */
+
+typedef struct vkg_writer vkg_writer;
+
+typedef struct vkg_writer_tensor {
+    const char *name;
+    vkg_dtype dtype;
+    vkg_tensor_role role;
+    uint32_t rank;
+    int64_t dims[VKG_MAX_DIMS];  /* < 0: symbolic, named by sym[i] */
+    const char *sym[VKG_MAX_DIMS];
+    const void *data;            /* constants: data_size bytes, copied by the writer */
+    uint64_t data_size;
+} vkg_writer_tensor;
+
+typedef struct vkg_writer_attr {
+    const char *name;
+    vkg_attr_type type;
+    uint32_t count;        /* INTS/FLOATS: number of elements; others ignored */
+    int64_t i;
+    double f;
+    const char *s;
+    const int64_t *ints;
+    const double *floats;
+} vkg_writer_attr;
+
+/* *out is owned by the caller (vkg_writer_destroy). */
+vkg_status vkg_writer_create(vkg_writer **out);
+void vkg_writer_destroy(vkg_writer *w);
+/* Adds a tensor and returns its id. The writer checks nothing a reader would refuse beyond what it
+ * needs to serialize (tests write malformed files on purpose through the raw bytes instead). */
+vkg_status vkg_writer_add_tensor(vkg_writer *w, const vkg_writer_tensor *t, uint32_t *id);
+vkg_status vkg_writer_add_node(vkg_writer *w, const char *op, const char *name, const uint32_t *inputs,
+                               uint32_t n_inputs, const uint32_t *outputs, uint32_t n_outputs,
+                               const vkg_writer_attr *attrs, uint32_t n_attrs);
+vkg_status vkg_writer_add_input(vkg_writer *w, uint32_t tensor);
+vkg_status vkg_writer_add_output(vkg_writer *w, uint32_t tensor);
+vkg_status vkg_writer_add_metadata(vkg_writer *w, const char *key, const char *value);
+vkg_status vkg_writer_save(const vkg_writer *w, const char *path);
+/* *data is malloc'd and owned by the caller (free). */
+vkg_status vkg_writer_to_memory(const vkg_writer *w, void **data, size_t *size);
+
+/* ---- models: a loaded, validated graph with its weights on the device ---- */
+
+typedef struct vkg_model vkg_model;
+
+/* Maps, validates and uploads a .vkg file. *out is owned by the caller (vkg_model_destroy), and
+ * must be destroyed before ctx. */
+vkg_status vkg_model_load(vkg_context *ctx, const char *path, vkg_model **out);
+/* Same from bytes in memory (an app's own assets); the bytes are copied. */
+vkg_status vkg_model_load_memory(vkg_context *ctx, const void *data, size_t size, vkg_model **out);
+void vkg_model_destroy(vkg_model *model);
+
+uint32_t vkg_model_input_count(const vkg_model *model);
+uint32_t vkg_model_output_count(const vkg_model *model);
+/* Strings in *out are owned by the model. */
+vkg_status vkg_model_input(const vkg_model *model, uint32_t i, vkg_tensor_info *out);
+vkg_status vkg_model_output(const vkg_model *model, uint32_t i, vkg_tensor_info *out);
+/* Metadata value for key (e.g. "producer"), NULL if absent. Owned by the model. */
+const char *vkg_model_metadata(const vkg_model *model, const char *key);
+
+/* ---- sessions: a model at concrete input shapes, recorded once, run many times ---- */
+
+typedef struct vkg_session vkg_session;
+
+typedef struct vkg_dim_binding {
+    const char *name; /* a symbolic dimension of the model's inputs, e.g. "batch" */
+    int64_t value;
+} vkg_dim_binding;
+
+typedef struct vkg_session_desc {
+    const vkg_dim_binding *dims; /* every symbol the inputs use must be bound */
+    uint32_t n_dims;
+    int profile;                 /* record a GPU timestamp after every dispatch */
+} vkg_session_desc;
+
+/* Infers every shape, plans activation memory, records the whole graph into one command buffer.
+ * *out is owned by the caller (vkg_session_destroy); destroy sessions before their model. */
+vkg_status vkg_session_create(vkg_model *model, const vkg_session_desc *desc, vkg_session **out);
+void vkg_session_destroy(vkg_session *s);
+/* The concrete description of any tensor of the session (inputs, outputs, intermediates). */
+vkg_status vkg_session_tensor(const vkg_session *s, const char *name, vkg_tensor_info *out);
+/* Copies bytes into a graph input; `bytes` must equal its size. */
+vkg_status vkg_session_set_input(vkg_session *s, const char *name, const void *data, size_t bytes);
+/* Submits the recorded command buffer once and waits. */
+vkg_status vkg_session_run(vkg_session *s);
+vkg_status vkg_session_get_output(vkg_session *s, const char *name, void *data, size_t bytes);
+/* Bytes of the activation arena (intermediates sharing memory by lifetime), and what the same
+ * tensors would take without sharing. */
+uint64_t vkg_session_planned_bytes(const vkg_session *s);
+uint64_t vkg_session_unshared_bytes(const vkg_session *s);
+/* After a profiled run: the i-th dispatch's node name, op and GPU time. */
+uint32_t vkg_session_dispatch_count(const vkg_session *s);
+vkg_status vkg_session_profile(const vkg_session *s, uint32_t i, const char **node, const char **op, double *ns);
+
 #ifdef __cplusplus
 }
 #endif

@@ -478,6 +478,7 @@ vkg_status vkg_context_create(const vkg_context_desc *desc_in, vkg_context **out
         if (r != VK_SUCCESS) st = vkg_fail_vk(r, "vkCreateFence");
     }
     if (st == VKG_SUCCESS) st = load_pipeline_cache(ctx, desc.pipeline_cache_path);
+    ctx->force_staging = env_true("VKG_FORCE_STAGING");
     if (st == VKG_SUCCESS) {
         ctx->block_size = desc.block_size ? desc.block_size : (64ull << 20);
         VkDeviceSize a = 64;

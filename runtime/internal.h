@@ -147,8 +147,7 @@ struct vkg_context {
     VkPipelineCache pipeline_cache;
     char *pipeline_cache_path;
 
-    uint32_t mem_type;     /* memory type of every block */
-    bool mem_host_visible; /* blocks are mapped; no staging needed */
+    bool force_staging;    /* VKG_FORCE_STAGING=1: never map blocks; tests the discrete-GPU copy path */
     VkDeviceSize block_size;
     VkDeviceSize alignment; /* every suballocation offset is a multiple of this */
     VkDeviceSize max_allocation; /* maxMemoryAllocationSize */

@@ -43,6 +43,8 @@ static int find_type(VkPhysicalDevice pd, uint32_t bits, VkMemoryPropertyFlags w
     return best;
 }
 
+/* A buffer with its own memory: a block (host = false) or a staging buffer (host = true). Mapped
+ * when host-visible, unless it is a block and the context forces staging. */
 static vkg_status raw_buffer(vkg_context *ctx, VkDeviceSize size, VkBufferUsageFlags usage, bool host,
                              VkBuffer *buf, VkDeviceMemory *mem, void **mapped, bool *is_host_visible)
 {
@@ -91,6 +93,7 @@ static vkg_status raw_buffer(vkg_context *ctx, VkDeviceSize size, VkBufferUsageF
     r = vkBindBufferMemory(ctx->device, *buf, *mem, 0);
     bool visible = (mp.memoryTypes[type].propertyFlags & hv) == hv;
     *mapped = NULL;
+    if (!host && ctx->force_staging) visible = false;
     if (r == VK_SUCCESS && visible) r = vkMapMemory(ctx->device, *mem, 0, VK_WHOLE_SIZE, 0, mapped);
     if (r != VK_SUCCESS) {
         vkDestroyBuffer(ctx->device, *buf, NULL);
@@ -105,8 +108,7 @@ static vkg_status block_new(vkg_context *ctx, VkDeviceSize size, vkg_block **out
 {
     vkg_block *b = calloc(1, sizeof *b);
     if (!b) return vkg_fail(VKG_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
-    bool visible = false;
-    vkg_status st = raw_buffer(ctx, size, BLOCK_USAGE, false, &b->buffer, &b->memory, &b->mapped, &visible);
+    vkg_status st = raw_buffer(ctx, size, BLOCK_USAGE, false, &b->buffer, &b->memory, &b->mapped, NULL);
     if (st != VKG_SUCCESS) {
         free(b);
         return st;
@@ -261,6 +263,11 @@ static void record_copy(VkCommandBuffer cb, void *user)
 {
     copy_job *j = user;
     vkCmdCopyBuffer(cb, j->src, j->dst, 1, &j->region);
+    /* Uploaded data is read by later submissions' shaders, downloads by the host. */
+    VkMemoryBarrier mb = {.sType = VK_STRUCTURE_TYPE_MEMORY_BARRIER, .srcAccessMask = VK_ACCESS_TRANSFER_WRITE_BIT,
+                          .dstAccessMask = VK_ACCESS_SHADER_READ_BIT | VK_ACCESS_SHADER_WRITE_BIT | VK_ACCESS_HOST_READ_BIT};
+    vkCmdPipelineBarrier(cb, VK_PIPELINE_STAGE_TRANSFER_BIT, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT | VK_PIPELINE_STAGE_HOST_BIT,
+                         0, 1, &mb, 0, NULL, 0, NULL);
 }
 
 static vkg_status check_range(const vkg_buf *buf, VkDeviceSize offset, VkDeviceSize size, const char *what)

@@ -52,11 +52,16 @@ static int test_memory(void)
     vkg_context_desc cd = {.validation = 1, .block_size = 1 << 20};
     vkg_context *ctx;
     OK(vkg_context_create(&cd, &ctx));
+    /* Under VKG_FORCE_STAGING=1 (ctest runtime_memory_staging) every copy goes through a staging
+     * buffer and vkCmdCopyBuffer, as on a discrete GPU. */
+    bool staging = getenv("VKG_FORCE_STAGING") != NULL;
     /* Many small buffers share one block; offsets respect alignment; contents stay separate. */
     enum { N = 40 };
     vkg_buf *b[N];
     for (int i = 0; i < N; i++) {
         OK(vkg_buf_create(ctx, (VkDeviceSize)(i * 37 + 1), &b[i]));
+        CHECK((b[i]->mapped == NULL) == (staging || !vkg_context_device_info(ctx)->unified_memory),
+              "mapped only on unified memory without forced staging");
         CHECK(b[i]->offset % vkg_context_device_info(ctx)->min_storage_offset_alignment == 0, "aligned offset");
         uint8_t v[1500];
         memset(v, i, sizeof v);

@@ -1,10 +1,10 @@
-/* The vkg command line: `vkg devices`, `vkg bench --kernels`. Graph commands (inspect, run,
- * bench FILE) arrive with the graph loader. */
+/* The vkg command line: devices, inspect, run, bench (a graph file or --kernels). */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "bench/kernels_bench.h"
+#include "cmd_graph.h"
 #include "vkg.h"
 
 static const char *type_name(VkPhysicalDeviceType t)
@@ -94,6 +94,9 @@ static int usage(void)
 {
     fprintf(stderr,
             "usage: vkg devices\n"
+            "       vkg inspect FILE [--dim NAME=N ...]\n"
+            "       vkg run FILE --input NAME=x.npy ... --out DIR [--dim NAME=N ...]\n"
+            "       vkg bench FILE [--runs N] [--warmup N] [--profile] [--dim NAME=N ...]\n"
             "       vkg bench --kernels [--quick] [--matmul-only] [--variant texel|tiled|all] [--reps N] [--json FILE]\n"
             "environment: VKG_DEVICE=<index|name substring>, VKG_VALIDATION=1\n");
     return 2;
@@ -103,6 +106,9 @@ static int cmd_bench(int argc, char **argv)
 {
     vkg_bench_opts o = {0};
     int kernels = 0;
+    for (int i = 0; i < argc; i++)
+        if (!strcmp(argv[i], "--kernels")) kernels = 1;
+    if (!kernels) return vkg_cmd_bench_graph(argc, argv);
     for (int i = 0; i < argc; i++) {
         if (!strcmp(argv[i], "--kernels")) kernels = 1;
         else if (!strcmp(argv[i], "--quick")) o.quick = true;
@@ -117,10 +123,6 @@ static int cmd_bench(int argc, char **argv)
             else return usage();
         } else return usage();
     }
-    if (!kernels) {
-        fprintf(stderr, "vkg bench: graph benchmarks need a graph file (not yet supported); use --kernels\n");
-        return 2;
-    }
     vkg_context *ctx;
     vkg_status s = vkg_context_create(NULL, &ctx);
     if (s != VKG_SUCCESS) return fail(s);
@@ -134,6 +136,8 @@ int main(int argc, char **argv)
     if (argc < 2) return usage();
     if (!strcmp(argv[1], "devices")) return cmd_devices();
     if (!strcmp(argv[1], "bench")) return cmd_bench(argc - 2, argv + 2);
+    if (!strcmp(argv[1], "inspect")) return vkg_cmd_inspect(argc - 2, argv + 2);
+    if (!strcmp(argv[1], "run")) return vkg_cmd_run(argc - 2, argv + 2);
     if (!strcmp(argv[1], "--help") || !strcmp(argv[1], "-h")) {
         usage();
         return 0;

@@ -1,0 +1,35 @@
+/* Internals of models and sessions, shared by graph/ and tools/ (the CLI reports on them). */
+#ifndef VKG_GRAPH_EXEC_H
+#define VKG_GRAPH_EXEC_H
+
+#include "graph/ir.h"
+#include "graph/ops.h"
+
+struct vkg_model {
+    vkg_context *ctx;
+    vkg_graph *g;
+    vkg_buf *weights;            /* every constant, at (data - weights_base) */
+    const uint8_t *weights_base; /* the first constant's bytes in the file image */
+};
+
+struct vkg_session {
+    vkg_model *model;
+    vkg_rt_tensor *rt;   /* per tensor of the graph: concrete shape and memory */
+    uint32_t *root;      /* per tensor: the tensor whose memory it uses (itself unless a view) */
+    vkg_buf *arena;      /* intermediates, placed by lifetime */
+    vkg_buf **own;       /* per tensor: a dedicated buffer (inputs, outputs) or NULL */
+    vkg_cmd *cmd;
+    uint64_t planned, unshared;
+    double flops;
+    uint32_t *dispatch_node; /* node index of each recorded dispatch */
+    uint32_t n_dispatch;
+    bool profile, ran;
+};
+
+const vkg_graph *vkg_model_graph(const vkg_model *m);
+/* Fills a public description from an IR tensor; strings stay owned by the graph. */
+void vkg_ir_tensor_info(const vkg_ir_tensor *t, vkg_tensor_info *out);
+/* FLOP estimate of one run at the session's shapes (matmul multiply-adds x 2). */
+double vkg_session_flops(const vkg_session *s);
+
+#endif

@@ -1,0 +1,32 @@
+"""vkg: export PyTorch modules to .vkg graph files (docs/graph-format.md) and read them back.
+
+NumPy and PyTorch are imported on first use, so `import vkg` works without them.
+"""
+
+from .errors import ExportError
+
+__version__ = "0.1.0"
+
+__all__ = ["export", "register_converter", "ExportError", "Builder", "read_graph", "GraphWriter",
+           "FormatError", "__version__"]
+
+_LAZY = {
+    "export": ("export", "export"),
+    "register_converter": ("export", "register_converter"),
+    "Builder": ("builder", "Builder"),
+    "read_graph": ("format", "read_graph"),
+    "GraphWriter": ("format", "GraphWriter"),
+    "FormatError": ("format", "FormatError"),
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+        mod, attr = _LAZY[name]
+        value = getattr(importlib.import_module("." + mod, __name__), attr)
+        # importing vkg/export.py binds the submodule to vkg.export; the function wins (the
+        # submodule is also callable, so either object works as vkg.export(...)).
+        globals()[name] = value
+        return value
+    raise AttributeError("module 'vkg' has no attribute %r" % name)
