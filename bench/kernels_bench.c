@@ -8,6 +8,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "runtime/kernels/attention.h"
 #include "runtime/kernels/kernels.h"
 
 static double now_s(void)
@@ -44,6 +45,7 @@ typedef struct result {
     double value; /* gflops, gbps or us */
     const char *unit;
     double pct_peak;
+    uint32_t tokens, heads, head_dim; /* attention */
 } result;
 
 typedef struct mm_case {
@@ -221,11 +223,53 @@ static void print_and_store(FILE *json, bool *first, const result *r)
     fprintf(json, "%s\n  {\"name\": \"%s\"", *first ? "" : ",", r->name);
     *first = false;
     if (r->m) fprintf(json, ", \"m\": %u, \"k\": %u, \"n\": %u", r->m, r->k, r->n);
+    if (r->tokens)
+        fprintf(json, ", \"tokens\": %u, \"heads\": %u, \"head_dim\": %u", r->tokens, r->heads, r->head_dim);
     if (r->dtype[0]) fprintf(json, ", \"dtype\": \"%s\"", r->dtype);
     if (r->variant[0]) fprintf(json, ", \"variant\": \"%s\"", r->variant);
     fprintf(json, ", \"%s\": %.3f", r->unit, r->value);
     if (r->pct_peak > 0) fprintf(json, ", \"pct_fma_peak\": %.2f", r->pct_peak);
     fprintf(json, "}");
+}
+
+/* Self-attention on a packed (1, tokens, 3 * heads * head_dim) qkv tensor, one dispatch per submit. */
+typedef struct att_case {
+    uint32_t tokens, heads, head_dim;
+    vkg_mm_variant variant;
+    vkg_buf *qkv, *o;
+    vkg_cmd *cmd;
+    double *samples;
+} att_case;
+
+static vkg_status att_setup(vkg_context *ctx, att_case *c, int reps)
+{
+    size_t hd = (size_t)c->heads * c->head_dim, n = (size_t)c->tokens * 3 * hd;
+    VKG_TRY(vkg_buf_create(ctx, n * 4, &c->qkv));
+    VKG_TRY(vkg_buf_create(ctx, (VkDeviceSize)c->tokens * hd * 4, &c->o));
+    float *h = malloc(n * 4);
+    if (!h) return vkg_fail(VKG_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+    fill_random(h, n, 4);
+    vkg_status st = vkg_buf_upload(c->qkv, 0, h, n * 4);
+    free(h);
+    VKG_TRY(st);
+    VKG_TRY(vkg_cmd_begin(ctx, false, &c->cmd));
+    vkg_attention_args a = {.q = {c->qkv, 0}, .k = {c->qkv, 0}, .v = {c->qkv, 0}, .q_stride = (uint32_t)(3 * hd),
+                            .kv_stride = (uint32_t)(3 * hd), .k_col = (uint32_t)hd, .v_col = (uint32_t)(2 * hd),
+                            .out = {c->o, 0}, .batch = 1, .heads = c->heads, .tq = c->tokens, .tk = c->tokens,
+                            .head_dim = c->head_dim, .variant = c->variant};
+    VKG_TRY(vkg_attention(c->cmd, &a));
+    VKG_TRY(vkg_cmd_end(c->cmd));
+    c->samples = calloc((size_t)reps, sizeof(double));
+    if (!c->samples) return vkg_fail(VKG_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+    return vkg_cmd_submit_wait(c->cmd);
+}
+
+static void att_free(att_case *c)
+{
+    vkg_cmd_destroy(c->cmd);
+    vkg_buf_destroy(c->qkv);
+    vkg_buf_destroy(c->o);
+    free(c->samples);
 }
 
 vkg_status vkg_bench_kernels(vkg_context *ctx, const vkg_bench_opts *o, FILE *out)
@@ -288,7 +332,24 @@ vkg_status vkg_bench_kernels(vkg_context *ctx, const vkg_bench_opts *o, FILE *ou
         }
         int ncase = nshapes * 2 * nvar;
         mm_case *cs = calloc((size_t)ncase, sizeof *cs);
-        if (!cs) {
+        /* Attention, ViT-S self-attention (6 heads of 64) at 257 and 1370 tokens (257 only with quick),
+         * for the same variants; timed in the same interleaved loop. */
+        vkg_mm_variant avars[2] = {o->variant ? o->variant : vkg_attention_default_variant(ctx), 0};
+        int navar = 1;
+        if (o->all_variants) {
+            avars[0] = VKG_MM_TEXEL;
+            avars[1] = VKG_MM_TILED;
+            navar = vkg_attention_texel_supported(ctx) ? 2 : 1;
+            if (navar == 1) avars[0] = VKG_MM_TILED;
+        }
+        static const uint32_t att_tokens[2] = {257, 1370};
+        int natok = o->quick ? 1 : 2, nacase = natok * navar;
+        att_case *as = calloc((size_t)nacase, sizeof *as);
+        for (int v = 0, ai = 0; as && v < navar; v++)
+            for (int t = 0; t < natok; t++) as[ai++] = (att_case){att_tokens[t], 6, 64, avars[v]};
+        if (!cs || !as) {
+            free(as);
+            free(cs);
             st = vkg_fail(VKG_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
             goto done;
         }
@@ -299,9 +360,12 @@ vkg_status vkg_bench_kernels(vkg_context *ctx, const vkg_bench_opts *o, FILE *ou
                     cs[ci++] = (mm_case){shapes[s][0], shapes[s][1], shapes[s][2],
                                          d ? VKG_DTYPE_F16 : VKG_DTYPE_F32, variants[v]};
         for (int i = 0; i < ncase && st == VKG_SUCCESS; i++) st = mm_setup(ctx, &cs[i], reps);
+        for (int i = 0; i < nacase && st == VKG_SUCCESS; i++) st = att_setup(ctx, &as[i], reps);
         /* Interleaved: repetition r of every case before repetition r+1 of any. */
-        for (int r = 0; r < reps && st == VKG_SUCCESS; r++)
+        for (int r = 0; r < reps && st == VKG_SUCCESS; r++) {
             for (int i = 0; i < ncase && st == VKG_SUCCESS; i++) st = time_submit(cs[i].cmd, &cs[i].samples[r]);
+            for (int i = 0; i < nacase && st == VKG_SUCCESS; i++) st = time_submit(as[i].cmd, &as[i].samples[r]);
+        }
         if (st == VKG_SUCCESS) {
             fprintf(out, "%-7s %6s %6s %6s  %-5s %-5s %9s %8s %8s\n", "op", "M", "K", "N", "W", "var", "GFLOP/s",
                     "ms", peak > 0 ? "% peak" : "");
@@ -320,8 +384,24 @@ vkg_status vkg_bench_kernels(vkg_context *ctx, const vkg_bench_opts *o, FILE *ou
                 print_and_store(json, &first, &r);
             }
         }
+        if (st == VKG_SUCCESS)
+            for (int i = 0; i < nacase; i++) {
+                att_case *c = &as[i];
+                double t = median(c->samples, reps);
+                double gf = 4.0 * c->heads * c->tokens * c->tokens * c->head_dim / t * 1e-9;
+                result r = {.name = "attention", .unit = "gflops", .value = gf, .tokens = c->tokens, .heads = c->heads,
+                            .head_dim = c->head_dim, .pct_peak = peak > 0 ? 100.0 * gf / peak : 0};
+                snprintf(r.variant, sizeof r.variant, "%s", variant_name(c->variant));
+                fprintf(out, "%-9s T=%-5u H=%-2u d=%-4u %-5s %9.2f %8.3f", "attention", c->tokens, c->heads,
+                        c->head_dim, r.variant, gf, t * 1e3);
+                if (peak > 0) fprintf(out, " %7.1f%%", r.pct_peak);
+                fprintf(out, "\n");
+                print_and_store(json, &first, &r);
+            }
         for (int i = 0; i < ncase; i++) mm_free(&cs[i]);
+        for (int i = 0; i < nacase; i++) att_free(&as[i]);
         free(cs);
+        free(as);
     }
 done:
     if (json) {

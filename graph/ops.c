@@ -3,6 +3,9 @@
 
 #include <string.h>
 
+#include "runtime/kernels/attention.h"
+#include "runtime/kernels/copy.h"
+
 #define GRAPH_FAIL(g, n, ...) graph_fail(g, n, __VA_ARGS__)
 
 static vkg_status graph_fail(const vkg_graph *g, const vkg_ir_node *n, const char *fmt, ...)
@@ -267,6 +270,275 @@ static vkg_status reshape_infer(const vkg_graph *g, const vkg_ir_node *n, const 
     return VKG_SUCCESS;
 }
 
+
+/* ---- layout ops on the strided copy kernel ---- */
+
+/* Row-major strides of a shape, in elements. */
+static void contiguous(const vkg_shape *s, uint32_t *st)
+{
+    uint64_t acc = 1;
+    for (int i = (int)s->rank - 1; i >= 0; i--) {
+        st[i] = (uint32_t)acc;
+        acc *= (uint64_t)s->dims[i];
+    }
+}
+
+static vkg_status copy_fits(const vkg_ir_node *n, const vkg_rt_tensor *t)
+{
+    if (vkg_shape_numel(&t->shape) > UINT32_MAX)
+        return vkg_fail(VKG_ERROR_UNSUPPORTED, "node \"%s\": tensor of %llu elements exceeds 2^32", n->name,
+                        (unsigned long long)vkg_shape_numel(&t->shape));
+    return VKG_SUCCESS;
+}
+
+static const vkg_attr_spec patchify_attrs[] = {{"patch", VKG_ATTR_INT, true}, {NULL, 0, false}};
+
+static vkg_status patchify_validate(const vkg_graph *g, const vkg_ir_node *n)
+{
+    const vkg_ir_tensor *x = in_t(g, n, 0);
+    int64_t p = vkg_ir_attr_find(n, "patch")->i;
+    if (p < 1 || p > 1024) return GRAPH_FAIL(g, n, "patch %lld outside 1..1024", (long long)p);
+    if (x->rank != 4) return GRAPH_FAIL(g, n, "input \"%s\" must be (N, C, H, W), has rank %u", x->name, x->rank);
+    for (uint32_t d = 2; d < 4; d++)
+        if (!x->sym[d] && x->dims[d] % p)
+            return GRAPH_FAIL(g, n, "input \"%s\" dim %u is %lld, not a multiple of the patch %lld", x->name, d,
+                              (long long)x->dims[d], (long long)p);
+    return VKG_SUCCESS;
+}
+
+static vkg_status patchify_infer(const vkg_graph *g, const vkg_ir_node *n, const vkg_shape *const *in, vkg_shape *out)
+{
+    int64_t p = vkg_ir_attr_find(n, "patch")->i;
+    const vkg_shape *x = in[0];
+    if (x->dims[2] % p || x->dims[3] % p)
+        return GRAPH_FAIL(g, n, "image %lldx%lld is not a multiple of the patch %lld", (long long)x->dims[2],
+                          (long long)x->dims[3], (long long)p);
+    out->rank = 3;
+    out->dims[0] = x->dims[0];
+    out->dims[1] = (x->dims[2] / p) * (x->dims[3] / p);
+    out->dims[2] = x->dims[1] * p * p;
+    return VKG_SUCCESS;
+}
+
+static vkg_status patchify_record(vkg_cmd *cmd, const vkg_ir_node *n, const vkg_rt_tensor *const *in, const vkg_rt_tensor *out)
+{
+    VKG_TRY(copy_fits(n, in[0]));
+    const vkg_shape *x = &in[0]->shape;
+    uint32_t p = (uint32_t)vkg_ir_attr_find(n, "patch")->i;
+    uint32_t N = (uint32_t)x->dims[0], C = (uint32_t)x->dims[1], H = (uint32_t)x->dims[2], W = (uint32_t)x->dims[3];
+    /* out[n][py][px][c][ky][kx] = x[n][c][py*p + ky][px*p + kx] */
+    vkg_copy_args a = {.src = in[0]->ref, .dst = out->ref, .src_elems = vkg_shape_numel(x),
+                       .dst_elems = vkg_shape_numel(&out->shape), .rank = 6,
+                       .shape = {N, H / p, W / p, C, p, p},
+                       .src_stride = {C * H * W, p * W, p, H * W, W, 1}};
+    vkg_shape os = {6, {N, H / p, W / p, C, p, p}};
+    contiguous(&os, a.dst_stride);
+    return vkg_copy(cmd, &a);
+}
+
+static const vkg_attr_spec insert_attrs[] = {{"index", VKG_ATTR_INT, true}, {NULL, 0, false}};
+
+static vkg_status insert_validate(const vkg_graph *g, const vkg_ir_node *n)
+{
+    const vkg_ir_tensor *x = in_t(g, n, 0), *t = in_t(g, n, 1);
+    int64_t idx = vkg_ir_attr_find(n, "index")->i;
+    if (x->rank != 3 || t->rank != 3)
+        return GRAPH_FAIL(g, n, "x and t must be (N, T, D) and (1 or N, R, D); ranks are %u and %u", x->rank, t->rank);
+    if (last_dim(x) >= 0 && last_dim(t) >= 0 && last_dim(x) != last_dim(t))
+        return GRAPH_FAIL(g, n, "token widths differ: %lld and %lld", (long long)last_dim(x), (long long)last_dim(t));
+    if (idx < 0 || (!x->sym[1] && idx > x->dims[1]))
+        return GRAPH_FAIL(g, n, "index %lld outside 0..%lld", (long long)idx, (long long)x->dims[1]);
+    return VKG_SUCCESS;
+}
+
+static vkg_status insert_infer(const vkg_graph *g, const vkg_ir_node *n, const vkg_shape *const *in, vkg_shape *out)
+{
+    const vkg_shape *x = in[0], *t = in[1];
+    int64_t idx = vkg_ir_attr_find(n, "index")->i;
+    if (t->dims[0] != 1 && t->dims[0] != x->dims[0])
+        return GRAPH_FAIL(g, n, "tokens have batch %lld; expected 1 or %lld", (long long)t->dims[0], (long long)x->dims[0]);
+    if (t->dims[2] != x->dims[2] || idx > x->dims[1])
+        return GRAPH_FAIL(g, n, "cannot insert (%lld, %lld, %lld) at %lld into (%lld, %lld, %lld)", (long long)t->dims[0],
+                          (long long)t->dims[1], (long long)t->dims[2], (long long)idx, (long long)x->dims[0],
+                          (long long)x->dims[1], (long long)x->dims[2]);
+    *out = *x;
+    out->dims[1] = x->dims[1] + t->dims[1];
+    return VKG_SUCCESS;
+}
+
+static vkg_status insert_record(vkg_cmd *cmd, const vkg_ir_node *n, const vkg_rt_tensor *const *in, const vkg_rt_tensor *out)
+{
+    VKG_TRY(copy_fits(n, out));
+    const vkg_shape *x = &in[0]->shape, *t = &in[1]->shape;
+    uint32_t N = (uint32_t)x->dims[0], T = (uint32_t)x->dims[1], D = (uint32_t)x->dims[2], R = (uint32_t)t->dims[1];
+    uint32_t idx = (uint32_t)vkg_ir_attr_find(n, "index")->i, OT = T + R;
+    uint64_t on = vkg_shape_numel(&out->shape);
+    /* Three boxes: x's head, the tokens (batch stride 0 when shared), x's tail. */
+    vkg_copy_args head = {.src = in[0]->ref, .dst = out->ref, .src_elems = vkg_shape_numel(x), .dst_elems = on,
+                          .rank = 3, .shape = {N, idx, D}, .src_stride = {T * D, D, 1}, .dst_stride = {OT * D, D, 1}};
+    vkg_copy_args tail = head;
+    tail.shape[1] = T - idx;
+    tail.src_off = idx * D;
+    tail.dst_off = (idx + R) * D;
+    vkg_copy_args tok = {.src = in[1]->ref, .dst = out->ref, .src_elems = vkg_shape_numel(t), .dst_elems = on,
+                         .dst_off = idx * D, .rank = 3, .shape = {N, R, D},
+                         .src_stride = {t->dims[0] == 1 ? 0 : R * D, D, 1}, .dst_stride = {OT * D, D, 1}};
+    VKG_TRY(vkg_copy(cmd, &head));
+    VKG_TRY(vkg_copy(cmd, &tok));
+    return vkg_copy(cmd, &tail);
+}
+
+static const vkg_attr_spec slice_attrs[] = {
+    {"axis", VKG_ATTR_INT, true}, {"start", VKG_ATTR_INT, true}, {"end", VKG_ATTR_INT, true}, {NULL, 0, false}};
+
+/* Resolves Python-style axis/start/end against a shape; -1 axis when out of range. */
+static void slice_bounds(const vkg_ir_node *n, const vkg_shape *x, int64_t *axis, int64_t *start, int64_t *end)
+{
+    int64_t a = vkg_ir_attr_find(n, "axis")->i, s = vkg_ir_attr_find(n, "start")->i, e = vkg_ir_attr_find(n, "end")->i;
+    if (a < 0) a += x->rank;
+    *axis = a >= 0 && a < (int64_t)x->rank ? a : -1;
+    if (*axis < 0) return;
+    int64_t size = x->dims[a];
+    *start = s < 0 ? s + size : s;
+    *end = e < 0 ? e + size : e;
+}
+
+static vkg_status slice_validate(const vkg_graph *g, const vkg_ir_node *n)
+{
+    const vkg_ir_tensor *x = in_t(g, n, 0);
+    int64_t a = vkg_ir_attr_find(n, "axis")->i;
+    if (a < -(int64_t)x->rank || a >= (int64_t)x->rank)
+        return GRAPH_FAIL(g, n, "axis %lld outside the %u dims of \"%s\"", (long long)a, x->rank, x->name);
+    return VKG_SUCCESS;
+}
+
+static vkg_status slice_infer(const vkg_graph *g, const vkg_ir_node *n, const vkg_shape *const *in, vkg_shape *out)
+{
+    int64_t axis, start = 0, end = 0;
+    slice_bounds(n, in[0], &axis, &start, &end);
+    if (axis < 0 || start < 0 || end < start || end > in[0]->dims[axis])
+        return GRAPH_FAIL(g, n, "slice [%lld, %lld) of dim %lld (size %lld) is out of range",
+                          (long long)vkg_ir_attr_find(n, "start")->i, (long long)vkg_ir_attr_find(n, "end")->i,
+                          (long long)axis, axis >= 0 ? (long long)in[0]->dims[axis] : -1ll);
+    *out = *in[0];
+    out->dims[axis] = end - start;
+    return VKG_SUCCESS;
+}
+
+static vkg_status slice_record(vkg_cmd *cmd, const vkg_ir_node *n, const vkg_rt_tensor *const *in, const vkg_rt_tensor *out)
+{
+    VKG_TRY(copy_fits(n, in[0]));
+    int64_t axis, start = 0, end = 0;
+    slice_bounds(n, &in[0]->shape, &axis, &start, &end);
+    vkg_copy_args a = {.src = in[0]->ref, .dst = out->ref, .src_elems = vkg_shape_numel(&in[0]->shape),
+                       .dst_elems = vkg_shape_numel(&out->shape), .rank = out->shape.rank};
+    contiguous(&in[0]->shape, a.src_stride);
+    contiguous(&out->shape, a.dst_stride);
+    for (uint32_t d = 0; d < out->shape.rank; d++) a.shape[d] = (uint32_t)out->shape.dims[d];
+    a.src_off = (uint32_t)start * a.src_stride[axis];
+    return vkg_copy(cmd, &a);
+}
+
+/* ---- attention ---- */
+
+static const vkg_attr_spec attention_attrs[] = {
+    {"heads", VKG_ATTR_INT, true}, {"scale", VKG_ATTR_FLOAT, false}, {"packed", VKG_ATTR_INT, false}, {NULL, 0, false}};
+
+static bool attention_packed(const vkg_ir_node *n)
+{
+    const vkg_ir_attr *a = vkg_ir_attr_find(n, "packed");
+    return a && a->i != 0;
+}
+
+static vkg_status attention_validate(const vkg_graph *g, const vkg_ir_node *n)
+{
+    bool packed = attention_packed(n);
+    uint32_t nqkv = packed ? 1 : 3;
+    int64_t heads = vkg_ir_attr_find(n, "heads")->i;
+    if (heads < 1 || heads > 4096) return GRAPH_FAIL(g, n, "heads %lld outside 1..4096", (long long)heads);
+    if (n->n_inputs < nqkv || n->n_inputs > nqkv + 2)
+        return GRAPH_FAIL(g, n, "%u inputs; expected %s then optional mask and key_padding", n->n_inputs,
+                          packed ? "qkv" : "q, k, v");
+    for (uint32_t i = 0; i < nqkv; i++) {
+        const vkg_ir_tensor *t = in_t(g, n, i);
+        if (!t) return GRAPH_FAIL(g, n, "input %u (%s) is required", i, packed ? "qkv" : i == 0 ? "q" : i == 1 ? "k" : "v");
+        if (t->rank != 3) return GRAPH_FAIL(g, n, "\"%s\" must be (N, T, features), has rank %u", t->name, t->rank);
+        int64_t f = last_dim(t);
+        if (f >= 0 && f % (heads * (packed ? 3 : 1)))
+            return GRAPH_FAIL(g, n, "\"%s\" has %lld features, not a multiple of %s%lld heads", t->name, (long long)f,
+                              packed ? "3 x " : "", (long long)heads);
+    }
+    const vkg_ir_tensor *mask = in_t(g, n, nqkv), *kp = in_t(g, n, nqkv + 1);
+    if (mask && mask->rank != 2 && mask->rank != 3)
+        return GRAPH_FAIL(g, n, "mask \"%s\" must be (Tq, Tk) or (N, Tq, Tk)", mask->name);
+    if (kp && kp->rank != 2) return GRAPH_FAIL(g, n, "key_padding \"%s\" must be (N, Tk)", kp->name);
+    const vkg_ir_attr *sc = vkg_ir_attr_find(n, "scale");
+    if (sc && !(sc->f > 0.0)) return GRAPH_FAIL(g, n, "scale %g must be > 0", sc->f);
+    return VKG_SUCCESS;
+}
+
+static vkg_status attention_infer(const vkg_graph *g, const vkg_ir_node *n, const vkg_shape *const *in, vkg_shape *out)
+{
+    bool packed = attention_packed(n);
+    int64_t heads = vkg_ir_attr_find(n, "heads")->i;
+    const vkg_shape *q = in[0], *k = packed ? in[0] : in[1], *v = packed ? in[0] : in[2];
+    int64_t hd = packed ? q->dims[2] / 3 : q->dims[2];
+    if ((packed && q->dims[2] % 3) || hd % heads || hd == 0)
+        return GRAPH_FAIL(g, n, "%lld features do not split into %s%lld heads", (long long)q->dims[2], packed ? "3 x " : "",
+                          (long long)heads);
+    if (!packed && (k->dims[0] != q->dims[0] || v->dims[0] != q->dims[0] || k->dims[1] != v->dims[1] ||
+                    k->dims[2] != hd || v->dims[2] != hd))
+        return GRAPH_FAIL(g, n, "q (%lld, %lld, %lld), k (%lld, %lld, %lld), v (%lld, %lld, %lld): expected k and v "
+                          "(N, Tk, %lld) with q's N", (long long)q->dims[0], (long long)q->dims[1], (long long)q->dims[2],
+                          (long long)k->dims[0], (long long)k->dims[1], (long long)k->dims[2], (long long)v->dims[0],
+                          (long long)v->dims[1], (long long)v->dims[2], (long long)hd);
+    uint32_t nqkv = packed ? 1 : 3;
+    const vkg_shape *mask = in[nqkv], *kp = in[nqkv + 1];
+    int64_t tq = q->dims[1], tk = k->dims[1];
+    if (mask && (mask->dims[mask->rank - 2] != tq || mask->dims[mask->rank - 1] != tk ||
+                 (mask->rank == 3 && mask->dims[0] != q->dims[0])))
+        return GRAPH_FAIL(g, n, "mask must be (%lld, %lld) or (%lld, %lld, %lld)", (long long)tq, (long long)tk,
+                          (long long)q->dims[0], (long long)tq, (long long)tk);
+    if (kp && (kp->dims[0] != q->dims[0] || kp->dims[1] != tk))
+        return GRAPH_FAIL(g, n, "key_padding must be (%lld, %lld)", (long long)q->dims[0], (long long)tk);
+    out->rank = 3;
+    out->dims[0] = q->dims[0];
+    out->dims[1] = tq;
+    out->dims[2] = hd;
+    return VKG_SUCCESS;
+}
+
+static vkg_status attention_record(vkg_cmd *cmd, const vkg_ir_node *n, const vkg_rt_tensor *const *in, const vkg_rt_tensor *out)
+{
+    bool packed = attention_packed(n);
+    uint32_t heads = (uint32_t)vkg_ir_attr_find(n, "heads")->i, nqkv = packed ? 1 : 3;
+    const vkg_ir_attr *sc = vkg_ir_attr_find(n, "scale");
+    uint32_t hd = (uint32_t)out->shape.dims[2];
+    vkg_attention_args a = {.q = in[0]->ref, .k = in[packed ? 0 : 1]->ref, .v = in[packed ? 0 : 2]->ref,
+                            .out = out->ref, .batch = (uint32_t)out->shape.dims[0], .heads = heads,
+                            .tq = (uint32_t)out->shape.dims[1], .tk = (uint32_t)in[packed ? 0 : 1]->shape.dims[1],
+                            .head_dim = hd / heads, .scale = sc ? (float)sc->f : 0.0f};
+    if (packed) {
+        a.q_stride = a.kv_stride = 3 * hd;
+        a.k_col = hd;
+        a.v_col = 2 * hd;
+    }
+    if (in[nqkv]) {
+        a.mask = in[nqkv]->ref;
+        a.mask_batched = in[nqkv]->shape.rank == 3;
+    }
+    if (in[nqkv + 1]) a.key_padding = in[nqkv + 1]->ref;
+    return vkg_attention(cmd, &a);
+}
+
+static double attention_flops(const vkg_ir_node *n, const vkg_shape *const *in, const vkg_shape *out)
+{
+    bool packed = attention_packed(n);
+    double tk = (double)(packed ? in[0] : in[1])->dims[1];
+    /* q k^T and p v: 2 x (N Tq Tk H d) multiply-adds */
+    return 4.0 * (double)out->dims[0] * (double)out->dims[1] * tk * (double)out->dims[2];
+}
+
 /* ---- the table ---- */
 
 static const vkg_op_def ops[] = {
@@ -278,6 +550,10 @@ static const vkg_op_def ops[] = {
     {"mul", 2, 2, 1, no_attrs, binary_validate, binary_infer, binary_record, NULL},
     {"softmax", 1, 1, 1, softmax_attrs, softmax_validate, same_infer, softmax_record, NULL},
     {"reshape", 1, 1, 1, reshape_attrs, reshape_validate, reshape_infer, NULL, NULL},
+    {"patchify", 1, 1, 1, patchify_attrs, patchify_validate, patchify_infer, patchify_record, NULL},
+    {"insert_tokens", 2, 2, 1, insert_attrs, insert_validate, insert_infer, insert_record, NULL},
+    {"slice", 1, 1, 1, slice_attrs, slice_validate, slice_infer, slice_record, NULL},
+    {"attention", 1, 5, 1, attention_attrs, attention_validate, attention_infer, attention_record, attention_flops},
 };
 
 const vkg_op_def *vkg_op_find(const char *name)

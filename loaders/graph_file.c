@@ -15,8 +15,6 @@
 #include "graph/ir.h"
 #include "runtime/internal.h"
 
-/* Shared with writer.c and the tests (no header of the loader exposes it yet). */
-
 enum {
     HEADER_SIZE = 64,
     ENTRY_SIZE = 32,

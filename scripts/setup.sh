@@ -7,8 +7,14 @@ PKGS=(
   build-essential cmake ninja-build clang libclang-rt-14-dev pkg-config
   libvulkan-dev vulkan-tools mesa-vulkan-drivers
   glslang-tools spirv-tools vulkan-validationlayers
-  python3 python3-numpy python3-torch
+  python3 python3-numpy python3-torch python3-torchvision python3-pip
 )
+
+# PyPI packages for the tests, installed without dependencies next to Debian's PyTorch (never into
+# the system site): timm, an independent DINOv2 implementation the exporter is compared against.
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+PYDEPS="$ROOT/build/pydeps"
+PYPI_PKGS=(timm==1.0.31)
 
 missing=()
 for p in "${PKGS[@]}"; do
@@ -18,13 +24,24 @@ for p in "${PKGS[@]}"; do
 done
 
 if [ ${#missing[@]} -eq 0 ]; then
-  echo "setup: all ${#PKGS[@]} packages present"
-  exit 0
+  echo "setup: all ${#PKGS[@]} Debian packages present"
+else
+  echo "setup: installing ${missing[*]}"
+  SUDO=""
+  if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -q
+  $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 
-echo "setup: installing ${missing[*]}"
-SUDO=""
-if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
-export DEBIAN_FRONTEND=noninteractive
-$SUDO apt-get update -q
-$SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
+stamp="$PYDEPS/.installed-$(printf '%s ' "${PYPI_PKGS[@]}" | md5sum | cut -c1-12)"
+if [ -f "$stamp" ]; then
+  echo "setup: PyPI test packages present in build/pydeps"
+else
+  echo "setup: installing ${PYPI_PKGS[*]} into build/pydeps"
+  rm -rf "$PYDEPS"
+  mkdir -p "$PYDEPS"
+  PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore \
+    /usr/bin/python3 -m pip install -q --no-deps --target "$PYDEPS" "${PYPI_PKGS[@]}"
+  touch "$stamp"
+fi

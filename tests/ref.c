@@ -1,6 +1,7 @@
 #include "ref.h"
 
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 double ref_gelu(double x) { return 0.5 * x * (1.0 + erf(x / sqrt(2.0))); }
@@ -131,4 +132,61 @@ float ref_f16_to_f32(uint16_t h)
     bits |= sign;
     memcpy(&v, &bits, 4);
     return v;
+}
+
+void ref_attention(const float *q, const float *k, const float *v, const float *mask, int mask_batched,
+                   const float *kp, float *out, double *mag, uint32_t batch, uint32_t heads, uint32_t tq, uint32_t tk,
+                   uint32_t d, uint32_t q_stride, uint32_t kv_stride, uint32_t q_col, uint32_t k_col, uint32_t v_col,
+                   double scale)
+{
+    double *s = malloc((tk + 1) * sizeof(double)), *sa = malloc((tk + 1) * sizeof(double));
+    for (uint32_t b = 0; b < batch; b++)
+        for (uint32_t h = 0; h < heads; h++)
+            for (uint32_t i = 0; i < tq; i++) {
+                const float *qr = q + ((size_t)b * tq + i) * q_stride + q_col + (size_t)h * d;
+                double mx = -INFINITY, sabs = 0;
+                for (uint32_t j = 0; j < tk; j++) {
+                    const float *kr = k + ((size_t)b * tk + j) * kv_stride + k_col + (size_t)h * d;
+                    double dot = 0, a = 0;
+                    for (uint32_t c = 0; c < d; c++) {
+                        dot += (double)qr[c] * kr[c];
+                        a += fabs((double)qr[c] * kr[c]);
+                    }
+                    s[j] = dot * scale;
+                    sa[j] = a * fabs(scale);
+                    if (mask) {
+                        double m = mask[(mask_batched ? (size_t)b * tq * tk : 0) + (size_t)i * tk + j];
+                        s[j] += m;
+                        sa[j] += fabs(m);
+                    }
+                    if (kp) {
+                        s[j] += kp[(size_t)b * tk + j];
+                        sa[j] += fabs(kp[(size_t)b * tk + j]);
+                    }
+                    if (s[j] > mx) mx = s[j];
+                }
+                int none = !(mx >= -3.4028234663852886e38 / 2);
+                double l = 0;
+                for (uint32_t j = 0; j < tk && !none; j++) {
+                    s[j] = exp(s[j] - mx);
+                    l += s[j];
+                }
+                double vmax = 0;
+                for (uint32_t j = 0; j < tk && !none; j++)
+                    if (s[j] > 0) {
+                        if (sa[j] > sabs) sabs = sa[j];
+                        const float *vr = v + ((size_t)b * tk + j) * kv_stride + v_col + (size_t)h * d;
+                        for (uint32_t c = 0; c < d; c++) vmax = fabs(vr[c]) > vmax ? fabs(vr[c]) : vmax;
+                    }
+                float *orow = out + ((size_t)b * tq + i) * heads * d + (size_t)h * d;
+                for (uint32_t c = 0; c < d; c++) {
+                    double o = 0;
+                    for (uint32_t j = 0; j < tk && !none; j++)
+                        o += s[j] * v[((size_t)b * tk + j) * kv_stride + v_col + (size_t)h * d + c];
+                    orow[c] = none ? 0.0f : (float)(o / l);
+                    if (mag) mag[orow + c - out] = none ? 0.0 : (1.0 + sabs) * vmax;
+                }
+            }
+    free(s);
+    free(sa);
 }

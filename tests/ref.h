@@ -18,6 +18,14 @@ void ref_softmax(const float *x, float *y, uint32_t rows, uint32_t d);
 void ref_binary(int op, const float *a, const uint32_t *as, uint32_t ar, const float *b, const uint32_t *bs,
                 uint32_t br, float *y, const uint32_t *out, uint32_t orank);
 double ref_gelu(double x);
+/* Multi-head attention (layout of runtime/kernels/attention.h, strides and columns in floats):
+ * out[b,i,h,:] = softmax_j(scale * q.k + mask[(b,)i,j] + kp[b,j]) v, in double. A row whose scores
+ * are all -inf (or below -FLT_MAX/2) gives 0. mag (optional) gets, per output, the fp32 error scale
+ * (1 + max_j |scale * sum|q k|| + |mask| + |kp|) * max_j |v| over the unmasked keys. */
+void ref_attention(const float *q, const float *k, const float *v, const float *mask, int mask_batched,
+                   const float *kp, float *out, double *mag, uint32_t batch, uint32_t heads, uint32_t tq, uint32_t tk,
+                   uint32_t d, uint32_t q_stride, uint32_t kv_stride, uint32_t q_col, uint32_t k_col, uint32_t v_col,
+                   double scale);
 
 /* IEEE half conversions, round to nearest even, with subnormals. */
 uint16_t ref_f32_to_f16(float f);

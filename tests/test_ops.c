@@ -5,6 +5,7 @@
 #include <float.h>
 
 #include "harness.h"
+#include "runtime/kernels/attention.h"
 #include "ref.h"
 
 /* Runs the recorded command twice and checks the two outputs are bit-identical. */
@@ -291,6 +292,131 @@ static int test_binary(vkg_context *ctx)
     return 0;
 }
 
+/* ---- attention ---- */
+
+typedef struct att_case {
+    uint32_t batch, heads, tq, tk, d;
+    int mask;    /* 0 none, 1 (tq, tk), 2 (batch, tq, tk); both with -inf entries and one fully masked row */
+    int kp;      /* key padding: 0 none, 1 random with -inf keys, the last batch element entirely -inf */
+    int layout;  /* 0 plain, 1 packed qkv (tq == tk), 2 strided with column offsets and byte offsets */
+    float scale; /* 0: 1/sqrt(d) */
+} att_case;
+
+static int run_attention_case(vkg_context *ctx, vkg_mm_variant variant, att_case c, uint32_t seed)
+{
+    uint32_t hd = c.heads * c.d, qs, ks, qc, kc, vc;
+    size_t qoff = 0, koff = 0, voff = 0; /* floats */
+    if (c.layout == 1) qs = ks = 3 * hd, qc = 0, kc = hd, vc = 2 * hd;
+    else if (c.layout == 2) qs = hd + 5, ks = 2 * hd + 3, qc = 5, kc = 1, vc = hd + 2, qoff = 4, koff = 1, voff = 3;
+    else qs = ks = hd, qc = kc = vc = 0;
+    size_t nq = (size_t)c.batch * c.tq * qs + qoff, nk = (size_t)c.batch * c.tk * ks + koff;
+    size_t nv = (size_t)c.batch * c.tk * ks + voff, no = (size_t)c.batch * c.tq * hd;
+    size_t nm = (size_t)(c.mask == 2 ? c.batch : 1) * c.tq * c.tk, nkp = (size_t)c.batch * c.tk;
+    float *q = malloc(nq * 4 + 4), *k = malloc(nk * 4 + 4), *v = malloc(nv * 4 + 4), *m = malloc(nm * 4 + 4);
+    float *kp = malloc(nkp * 4 + 4), *want = malloc(no * 4 + 4), *nan = malloc(no * 4 + 4);
+    double *mag = malloc(no * sizeof(double) + 8);
+    h_fill(q, nq, seed, -1.0f, 1.0f);
+    h_fill(k, nk, seed + 1, -1.0f, 1.0f);
+    h_fill(v, nv, seed + 2, -1.0f, 1.0f);
+    h_fill(m, nm, seed + 3, -2.0f, 2.0f);
+    h_fill(kp, nkp, seed + 4, -1.0f, 1.0f);
+    for (size_t i = 0; i < nm; i += 5) m[i] = -INFINITY;
+    if (c.tq > 1) /* row 1 (of every batch element when batched): every key masked -> 0 */
+        for (size_t b = 0; b < (c.mask == 2 ? c.batch : 1); b++)
+            for (uint32_t j = 0; j < c.tk; j++) m[(b * c.tq + 1) * c.tk + j] = -INFINITY;
+    for (size_t i = 0; i < nkp; i += 3) kp[i] = -INFINITY;
+    if (c.batch > 1)
+        for (uint32_t j = 0; j < c.tk; j++) kp[(size_t)(c.batch - 1) * c.tk + j] = -INFINITY;
+    for (size_t i = 0; i < no; i++) nan[i] = NAN; /* every output must be written */
+    const float *qd = q, *kd = k, *vd = v; /* the reference sees each operand from its first row */
+    if (c.layout == 1) kd = vd = q;
+    ref_attention(qd + qoff, (c.layout == 1 ? q : kd + koff), (c.layout == 1 ? q : vd + voff), c.mask ? m : NULL,
+                  c.mask == 2, c.kp ? kp : NULL, want, mag, c.batch, c.heads, c.tq, c.tk, c.d, qs, ks, qc, kc, vc,
+                  c.scale != 0.0f ? (double)c.scale : 1.0 / sqrt((double)c.d));
+    /* fp32: each score is off by a few ulp of its magnitude sum (the dot product, mask, padding), which
+     * moves the output by that times the spread of v; the weighted sums add ~sqrt(tk) ulp of max|v|. */
+    for (size_t i = 0; i < no; i++) mag[i] *= (4.0 + 0.1 * sqrt((double)c.tk)) * FLT_EPSILON;
+
+    vkg_buf *bq = h_upload(ctx, q, nq * 4), *bk = c.layout == 1 ? bq : h_upload(ctx, k, nk * 4);
+    vkg_buf *bv = c.layout == 1 ? bq : h_upload(ctx, v, nv * 4);
+    vkg_buf *bm = h_upload(ctx, m, nm * 4), *bkp = h_upload(ctx, kp, nkp * 4), *bo = h_upload(ctx, nan, no * 4);
+    vkg_cmd *cmd = NULL;
+    OK(vkg_cmd_begin(ctx, false, &cmd));
+    vkg_attention_args a = {.q = {bq, qoff * 4}, .k = {bk, koff * 4}, .v = {bv, voff * 4}, .q_stride = qs,
+                            .kv_stride = ks, .q_col = qc, .k_col = kc, .v_col = vc, .mask = {c.mask ? bm : NULL, 0},
+                            .mask_batched = c.mask == 2, .key_padding = {c.kp ? bkp : NULL, 0}, .out = {bo, 0},
+                            .batch = c.batch, .heads = c.heads, .tq = c.tq, .tk = c.tk, .head_dim = c.d,
+                            .scale = c.scale, .variant = variant};
+    if (c.layout == 0) a.q_stride = a.kv_stride = 0; /* 0 = plain */
+    OK(vkg_attention(cmd, &a));
+    OK(vkg_cmd_submit_wait(cmd));
+    float *got = h_download(bo, no);
+    h_maybe_fault(got, no);
+    char what[160];
+    snprintf(what, sizeof what, "attention %s b=%u h=%u tq=%u tk=%u d=%u mask=%d kp=%d layout=%s scale=%g",
+             variant == VKG_MM_TEXEL ? "texel" : "tiled", c.batch, c.heads, c.tq, c.tk, c.d, c.mask, c.kp,
+             c.layout == 1 ? "packed" : c.layout == 2 ? "strided" : "plain", (double)c.scale);
+    h_compare(what, got, want, mag, no, 2e-7, 1e-6);
+    check_deterministic(cmd, bo, no, what);
+    free(got);
+    vkg_cmd_destroy(cmd);
+    vkg_buf_destroy(bq);
+    if (bk != bq) vkg_buf_destroy(bk);
+    if (bv != bq) vkg_buf_destroy(bv);
+    vkg_buf_destroy(bm);
+    vkg_buf_destroy(bkp);
+    vkg_buf_destroy(bo);
+    free(q);
+    free(k);
+    free(v);
+    free(m);
+    free(kp);
+    free(want);
+    free(nan);
+    free(mag);
+    return 0;
+}
+
+static int test_attention(vkg_context *ctx, vkg_mm_variant variant)
+{
+    static const att_case cases[] = {
+        {1, 1, 1, 1, 32, 0, 0, 0, 0},        {2, 3, 7, 31, 64, 1, 0, 0, 0},     {1, 2, 31, 65, 128, 0, 1, 2, 0},
+        {3, 2, 65, 7, 80, 2, 1, 0, 0},       {1, 6, 257, 257, 64, 0, 0, 1, 0},  {1, 1, 1370, 1370, 64, 1, 0, 1, 0},
+        {2, 5, 31, 1, 7, 0, 1, 0, 0},        {1, 4, 7, 257, 1, 1, 0, 0, 0},     {2, 1, 257, 65, 24, 0, 1, 2, 0.3f},
+        {1, 2, 65, 1370, 32, 2, 1, 2, 0},    {1, 1, 1370, 7, 128, 0, 0, 0, 0},  {2, 2, 31, 31, 80, 2, 0, 1, 0},
+        {1, 3, 65, 65, 7, 1, 1, 1, 0},       {4, 2, 1, 257, 64, 0, 1, 0, 2.0f}, {1, 1, 7, 7, 256, 1, 0, 0, 0},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
+        if (run_attention_case(ctx, variant, cases[i], 500 + 10 * (uint32_t)i)) return 1;
+    /* Bad arguments are refused with a message naming what is wrong. */
+    vkg_buf *small = NULL;
+    vkg_cmd *cmd = NULL;
+    OK(vkg_buf_create(ctx, 256, &small));
+    OK(vkg_cmd_begin(ctx, false, &cmd));
+    vkg_attention_args ok = {.q = {small, 0}, .k = {small, 0}, .v = {small, 0}, .out = {small, 0}, .batch = 1,
+                             .heads = 1, .tq = 2, .tk = 2, .head_dim = 4, .variant = variant};
+    OK(vkg_attention(cmd, &ok));
+    struct att_bad { vkg_attention_args a; vkg_status st; const char *msg; } bad[8];
+    for (int i = 0; i < 8; i++) bad[i] = (struct att_bad){ok, VKG_ERROR_INVALID_ARGUMENT, NULL};
+    bad[0].a.tq = 100, bad[0].msg = "q needs 1600 bytes";
+    bad[1].a.out.offset = 240, bad[1].msg = "out needs 32 bytes at offset 240";
+    bad[2].a.head_dim = 0, bad[2].st = VKG_ERROR_UNSUPPORTED, bad[2].msg = "head_dim 0";
+    bad[3].a.head_dim = 300, bad[3].st = VKG_ERROR_UNSUPPORTED, bad[3].msg = "head_dim 300";
+    bad[4].a.q_stride = 8, bad[4].a.q_col = 6, bad[4].msg = "q columns [6, 10)";
+    bad[5].a.kv_stride = 8, bad[5].a.v_col = 5, bad[5].msg = "v columns [5, 9)";
+    bad[6].a.k.buf = NULL, bad[6].msg = "k has no buffer";
+    bad[7].a.mask = (vkg_tref){small, 240}, bad[7].a.mask_batched = true, bad[7].a.batch = 9, bad[7].a.tq = 1,
+    bad[7].a.tk = 1, bad[7].msg = "mask needs 36 bytes at offset 240";
+    for (int i = 0; i < 8; i++) {
+        vkg_status s = vkg_attention(cmd, &bad[i].a);
+        CHECK(s == bad[i].st && strstr(vkg_last_error(), bad[i].msg), "bad case %d: got %s: %s (want \"%s\")", i,
+              vkg_status_name(s), vkg_last_error(), bad[i].msg);
+    }
+    vkg_cmd_destroy(cmd);
+    vkg_buf_destroy(small);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     const char *op = argc > 1 ? argv[1] : "";
@@ -316,8 +442,16 @@ int main(int argc, char **argv)
     else if (!strcmp(op, "unary")) r = test_unary(ctx);
     else if (!strcmp(op, "softmax")) r = test_softmax(ctx);
     else if (!strcmp(op, "binary")) r = test_binary(ctx);
+    else if (!strcmp(op, "attention")) {
+        if (variant == VKG_MM_TEXEL && !vkg_attention_texel_supported(ctx)) {
+            printf("attention texel: device lacks subgroup size 8 or RGBA texel buffers; variant unavailable\n");
+            vkg_context_destroy(ctx);
+            return 77;
+        }
+        r = test_attention(ctx, variant);
+    }
     else {
-        fprintf(stderr, "usage: test_ops matmul|layernorm|unary|softmax|binary [--variant tiled|texel] [--inject-fault]\n");
+        fprintf(stderr, "usage: test_ops matmul|layernorm|unary|softmax|binary|attention [--variant tiled|texel] [--inject-fault]\n");
         vkg_context_destroy(ctx);
         return 2;
     }

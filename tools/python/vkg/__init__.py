@@ -17,6 +17,7 @@ _LAZY = {
     "read_graph": ("format", "read_graph"),
     "GraphWriter": ("format", "GraphWriter"),
     "FormatError": ("format", "FormatError"),
+    "export_dinov2": ("dinov2", "export_dinov2"),
 }
 
 

@@ -82,8 +82,13 @@ def add_export_demo(sub):
     p.set_defaults(func=cmd_export_demo)
 
 
+def add_dinov2(sub):
+    from .dinov2_cli import add_command     # no torch import until the command runs
+    add_command(sub)
+
+
 # Each entry adds one subcommand; later model families append their own adder here.
-COMMANDS = [add_inspect, add_export_demo]
+COMMANDS = [add_inspect, add_export_demo, add_dinov2]
 
 
 def build_parser():

@@ -320,6 +320,164 @@ class Builder:
         """A copy of x (a reshape that keeps every dim)."""
         return self.reshape(x, [0] * x.rank, name=name or "identity")
 
+    # -- attention, token ops (ops added to the v1.0 table: attention, patchify, insert_tokens,
+    #    slice) --
+    def _attention_common(self, name, n, tq, tk, mask, key_padding):
+        """Checks the optional additive mask (Tq, Tk) / (N, Tq, Tk) and key_padding (N, Tk);
+        returns their input indices (None where absent, trailing Nones dropped)."""
+        extra = []
+        if mask is not None:
+            self._check_tensor(mask, name, "mask")
+            if mask.dtype != "f32" or mask.rank not in (2, 3):
+                raise ValueError("node %r: mask must be f32 (Tq, Tk) or (N, Tq, Tk), got %r"
+                                 % (name, mask))
+            want = (tq, tk) if mask.rank == 2 else (n, tq, tk)
+            for got, w in zip(mask.shape, want):
+                if isinstance(got, int) and isinstance(w, int) and got != w:
+                    raise ValueError("node %r: mask %s does not fit (N, Tq, Tk) = %s"
+                                     % (name, _shape_str(mask.shape), _shape_str((n, tq, tk))))
+        if key_padding is not None:
+            self._check_tensor(key_padding, name, "key_padding")
+            if key_padding.dtype != "f32" or key_padding.rank != 2:
+                raise ValueError("node %r: key_padding must be f32 (N, Tk), got %r"
+                                 % (name, key_padding))
+            for got, w in zip(key_padding.shape, (n, tk)):
+                if isinstance(got, int) and isinstance(w, int) and got != w:
+                    raise ValueError("node %r: key_padding %s does not fit (N, Tk) = %s"
+                                     % (name, _shape_str(key_padding.shape),
+                                        _shape_str((n, tk))))
+        extra = [None if mask is None else mask.index,
+                 None if key_padding is None else key_padding.index]
+        while extra and extra[-1] is None:
+            extra.pop()
+        return extra
+
+    @staticmethod
+    def _attention_attrs(name, heads, scale, d_model):
+        heads = int(heads)
+        if heads < 1:
+            raise ValueError("node %r: heads must be >= 1, got %d" % (name, heads))
+        if isinstance(d_model, int) and d_model % heads:
+            raise ValueError("node %r: width %d is not a multiple of heads=%d"
+                             % (name, d_model, heads))
+        attrs = {"heads": heads}
+        if scale is not None:
+            attrs["scale"] = float(scale)
+        return attrs
+
+    def attention(self, q, k, v, heads, scale=None, mask=None, key_padding=None, name=None):
+        """softmax(q_h k_h^T * scale + mask + key_padding) v_h per head, heads concatenated.
+        q (N, Tq, H*d), k, v (N, Tk, H*d); scale defaults to 1/sqrt(d) (attribute omitted)."""
+        name = self._node_name(name, "attention")
+        for what, t in (("q", q), ("k", k), ("v", v)):
+            self._check_tensor(t, name, what)
+            if t.dtype != "f32" or t.rank != 3:
+                raise ValueError("node %r: %s must be f32 of rank 3 (N, T, H*d), got %r"
+                                 % (name, what, t))
+        n = q.shape[0]
+        for what, t in (("k", k), ("v", v)):
+            for i in (0, 2):
+                a, b = q.shape[i], t.shape[i]
+                if isinstance(a, int) and isinstance(b, int) and a != b:
+                    raise ValueError("node %r: q %s and %s %s differ in dim %d"
+                                     % (name, _shape_str(q.shape), what, _shape_str(t.shape), i))
+        if isinstance(k.shape[1], int) and isinstance(v.shape[1], int) and k.shape[1] != v.shape[1]:
+            raise ValueError("node %r: k %s and v %s differ in Tk"
+                             % (name, _shape_str(k.shape), _shape_str(v.shape)))
+        attrs = self._attention_attrs(name, heads, scale, q.shape[2])
+        extra = self._attention_common(name, n, q.shape[1], k.shape[1], mask, key_padding)
+        return self._node("attention", name, [q.index, k.index, v.index] + extra,
+                          list(q.shape), attrs)
+
+    def attention_packed(self, qkv, heads, scale=None, mask=None, key_padding=None, name=None):
+        """attention on qkv (N, T, 3*H*d) whose column blocks are q, k, v (attribute packed=1)."""
+        name = self._node_name(name, "attention")
+        self._check_tensor(qkv, name, "qkv")
+        if qkv.dtype != "f32" or qkv.rank != 3:
+            raise ValueError("node %r: qkv must be f32 of rank 3 (N, T, 3*H*d), got %r"
+                             % (name, qkv))
+        w = qkv.shape[2]
+        if isinstance(w, int) and w % 3:
+            raise ValueError("node %r: qkv width %d is not a multiple of 3" % (name, w))
+        d_model = w // 3 if isinstance(w, int) else None
+        attrs = self._attention_attrs(name, heads, scale, d_model)
+        attrs["packed"] = 1
+        extra = self._attention_common(name, qkv.shape[0], qkv.shape[1], qkv.shape[1], mask,
+                                       key_padding)
+        return self._node("attention", name, [qkv.index] + extra,
+                          [qkv.shape[0], qkv.shape[1], d_model], attrs)
+
+    def patchify(self, x, patch, name=None):
+        """(N, C, H, W) -> (N, (H/p)(W/p), C*p*p), patches row-major, columns (c, ky, kx)."""
+        name = self._node_name(name, "patchify")
+        self._check_tensor(x, name, "x")
+        p = int(patch)
+        if p < 1:
+            raise ValueError("node %r: patch must be >= 1, got %d" % (name, p))
+        if x.dtype != "f32" or x.rank != 4:
+            raise ValueError("node %r: x must be f32 (N, C, H, W), got %r" % (name, x))
+        n, c, h, w = x.shape
+        for what, d in (("H", h), ("W", w)):
+            if isinstance(d, int) and d % p:
+                raise ValueError("node %r: %s=%d is not a multiple of patch %d" % (name, what, d, p))
+        t = (h // p) * (w // p) if isinstance(h, int) and isinstance(w, int) else None
+        cols = c * p * p if isinstance(c, int) else None
+        return self._node("patchify", name, [x.index], [n, t, cols], {"patch": p})
+
+    def insert_tokens(self, x, t, index, name=None):
+        """(N, T, D) with t (1, R, D) or (N, R, D) inserted before position index -> (N, T+R, D)."""
+        name = self._node_name(name, "insert_tokens")
+        self._check_tensor(x, name, "x")
+        self._check_tensor(t, name, "t")
+        if x.dtype != "f32" or x.rank != 3 or t.dtype != "f32" or t.rank != 3:
+            raise ValueError("node %r: x and t must be f32 of rank 3, got %r and %r"
+                             % (name, x, t))
+        index = int(index)
+        T, R = x.shape[1], t.shape[1]
+        if index < 0 or (isinstance(T, int) and index > T):
+            raise ValueError("node %r: index %d is outside 0..%s" % (name, index, _dim_str(T)))
+        if isinstance(x.shape[2], int) and isinstance(t.shape[2], int) and x.shape[2] != t.shape[2]:
+            raise ValueError("node %r: x %s and t %s differ in D"
+                             % (name, _shape_str(x.shape), _shape_str(t.shape)))
+        tn = t.shape[0]
+        if tn != 1 and tn != x.shape[0] and isinstance(tn, int) and isinstance(x.shape[0], int):
+            raise ValueError("node %r: t %s must have batch 1 or N=%s"
+                             % (name, _shape_str(t.shape), _dim_str(x.shape[0])))
+        total = T + R if isinstance(T, int) and isinstance(R, int) else None
+        return self._node("insert_tokens", name, [x.index, t.index], [x.shape[0], total, x.shape[2]],
+                          {"index": index})
+
+    def slice(self, x, axis, start, end, name=None):
+        """x with dimension axis cut to [start, end) (negative values count from the end)."""
+        name = self._node_name(name, "slice")
+        self._check_tensor(x, name, "x")
+        axis, start, end = int(axis), int(start), int(end)
+        if not -x.rank <= axis < x.rank:
+            raise ValueError("node %r: axis %d out of range for %s" % (name, axis,
+                                                                      _shape_str(x.shape)))
+        ax = axis % x.rank
+        d = x.shape[ax]
+        out = list(x.shape)
+        if isinstance(d, int):
+            s = start + d if start < 0 else start
+            e = end + d if end < 0 else end
+            if not 0 <= s <= e <= d:
+                raise ValueError("node %r: slice [%d, %d) of dim %d (size %d) is out of range"
+                                 % (name, start, end, ax, d))
+            out[ax] = e - s
+        elif start >= 0 and end >= 0:
+            if start > end:
+                raise ValueError("node %r: slice start %d > end %d" % (name, start, end))
+            out[ax] = end - start
+        elif start < 0 and end < 0:
+            if start > end:
+                raise ValueError("node %r: slice start %d > end %d" % (name, start, end))
+            out[ax] = end - start
+        else:
+            out[ax] = None
+        return self._node("slice", name, [x.index], out, {"axis": axis, "start": start,
+                                                          "end": end})
+
     # -- graph outputs and metadata --
     def output(self, tensor, name=None):
         """Marks tensor as a graph output named name (renaming it). Inputs, constants and

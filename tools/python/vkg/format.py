@@ -32,7 +32,8 @@ ROLE_CODE = {n: i for i, n in enumerate(ROLES)}
 ATTR_INT, ATTR_FLOAT, ATTR_STRING, ATTR_INTS, ATTR_FLOATS = 1, 2, 3, 4, 5
 ATTR_TYPE_NAMES = {1: "INT", 2: "FLOAT", 3: "STRING", 4: "INTS", 5: "FLOATS"}
 
-OPS = ("linear", "layernorm", "gelu", "relu", "add", "mul", "softmax", "reshape")
+OPS = ("linear", "layernorm", "gelu", "relu", "add", "mul", "softmax", "reshape",
+       "attention", "patchify", "insert_tokens", "slice")
 
 MAX_STRINGS = 1 << 20
 MAX_STRING_BYTES = 4096
