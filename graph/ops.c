@@ -59,6 +59,11 @@ static vkg_status linear_validate(const vkg_graph *g, const vkg_ir_node *n)
         return GRAPH_FAIL(g, n, "bias \"%s\" must be an f32 constant of shape (%lld)", b->name, (long long)w->dims[0]);
     const vkg_ir_attr *a = vkg_ir_attr_find(n, "activation");
     if (a && (a->i < 0 || a->i > 2)) return GRAPH_FAIL(g, n, "activation %lld is not 0 (none), 1 (relu) or 2 (gelu)", (long long)a->i);
+    const vkg_ir_tensor *sc = in_t(g, n, 3), *res = in_t(g, n, 4);
+    if (sc && (sc->role != VKG_ROLE_CONSTANT || sc->rank != 1 || sc->dims[0] != w->dims[0]))
+        return GRAPH_FAIL(g, n, "scale \"%s\" must be an f32 constant of shape (%lld)", sc->name, (long long)w->dims[0]);
+    if (res && res->rank != x->rank)
+        return GRAPH_FAIL(g, n, "residual \"%s\" has rank %u; the output has rank %u", res->name, res->rank, x->rank);
     return VKG_SUCCESS;
 }
 
@@ -70,6 +75,12 @@ static vkg_status linear_infer(const vkg_graph *g, const vkg_ir_node *n, const v
                           (long long)w->dims[1]);
     *out = *x;
     out->dims[x->rank - 1] = w->dims[0];
+    const vkg_shape *res = in[4];
+    if (res) {
+        bool same = res->rank == out->rank;
+        for (uint32_t i = 0; same && i < out->rank; i++) same = res->dims[i] == out->dims[i];
+        if (!same) return GRAPH_FAIL(g, n, "residual must have the output's shape");
+    }
     return VKG_SUCCESS;
 }
 
@@ -79,6 +90,7 @@ static vkg_status linear_record(vkg_cmd *cmd, const vkg_ir_node *n, const vkg_rt
     uint64_t rows = vkg_shape_numel(&in[0]->shape) / (uint64_t)in[1]->shape.dims[1];
     if (rows > UINT32_MAX) return vkg_fail(VKG_ERROR_UNSUPPORTED, "node \"%s\": %llu rows", n->name, (unsigned long long)rows);
     vkg_matmul_args m = {.x = in[0]->ref, .w = in[1]->ref, .bias = in[2] ? in[2]->ref : (vkg_tref){0},
+                         .scale = in[3] ? in[3]->ref : (vkg_tref){0}, .residual = in[4] ? in[4]->ref : (vkg_tref){0},
                          .y = out->ref, .batch = 1, .m = (uint32_t)rows, .n = (uint32_t)in[1]->shape.dims[0],
                          .k = (uint32_t)in[1]->shape.dims[1], .w_shared = true, .w_dtype = in[1]->dtype,
                          .act = a ? (vkg_act)a->i : VKG_ACT_NONE};
@@ -542,7 +554,7 @@ static double attention_flops(const vkg_ir_node *n, const vkg_shape *const *in, 
 /* ---- the table ---- */
 
 static const vkg_op_def ops[] = {
-    {"linear", 2, 3, 1, linear_attrs, linear_validate, linear_infer, linear_record, linear_flops},
+    {"linear", 2, 5, 1, linear_attrs, linear_validate, linear_infer, linear_record, linear_flops},
     {"layernorm", 1, 3, 1, layernorm_attrs, layernorm_validate, layernorm_infer, layernorm_record, NULL},
     {"gelu", 1, 1, 1, gelu_attrs, gelu_validate, same_infer, gelu_record, NULL},
     {"relu", 1, 1, 1, no_attrs, NULL, same_infer, relu_record, NULL},

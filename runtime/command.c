@@ -101,6 +101,20 @@ static vkg_status grow_labels(vkg_cmd *c)
     return VKG_SUCCESS;
 }
 
+/* Bytes per texel of the formats kernels bind; 0 for any other. */
+static VkDeviceSize texel_bytes(VkFormat f)
+{
+    switch (f) {
+    case VK_FORMAT_R32G32B32A32_SFLOAT: return 16;
+    case VK_FORMAT_R16G16B16A16_SFLOAT:
+    case VK_FORMAT_R32G32_UINT: return 8;
+    case VK_FORMAT_R32_SFLOAT:
+    case VK_FORMAT_R32_UINT: return 4;
+    case VK_FORMAT_R16_SFLOAT: return 2;
+    default: return 0;
+    }
+}
+
 static bool overlaps(const access *a, VkBuffer buf, VkDeviceSize b, VkDeviceSize e)
 {
     return a->buffer == buf && a->begin < e && b < a->end;
@@ -163,9 +177,10 @@ vkg_status vkg_cmd_dispatch(vkg_cmd *c, const vkg_pipeline *p, const vkg_binding
             w[i].descriptorType = VK_DESCRIPTOR_TYPE_STORAGE_BUFFER;
             w[i].pBufferInfo = &bi[i];
         } else {
-            VkDeviceSize texel = b->format == VK_FORMAT_R16G16B16A16_SFLOAT ? 8
-                               : b->format == VK_FORMAT_R32G32B32A32_SFLOAT ? 16
-                               : b->format == VK_FORMAT_R16G16_SFLOAT ? 4 : 4;
+            VkDeviceSize texel = texel_bytes(b->format);
+            if (!texel)
+                return vkg_fail(VKG_ERROR_INVALID_ARGUMENT, "%s: binding %u has texel format %d, which vkg does not use",
+                                label, i, (int)b->format);
             /* Whole texels only; a partial last texel is read through the allocation's padding
              * (every suballocation is rounded up to 64 bytes), and kernels ignore it. */
             range = (range + texel - 1) / texel * texel;

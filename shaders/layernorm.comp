@@ -7,6 +7,55 @@
 
 layout(local_size_x_id = 0) in;
 
+#ifdef VKG_LN_SUBGROUP
+// Lavapipe variant: one subgroup of 8 lanes per row, no shared memory and no barriers (on llvmpipe
+// a workgroup barrier switches between the subgroups' coroutines, and shared loads are per-lane
+// loops). Reads go through texel views, 4 floats per fetch (VW = 4) or 1 (VKG_LN_SCALAR);
+// subgroupAdd reduces in the same fixed order every run.
+#extension GL_KHR_shader_subgroup_arithmetic : require
+layout(binding = 0) uniform samplerBuffer X;
+layout(binding = 1) uniform samplerBuffer G;
+layout(binding = 2) uniform samplerBuffer Bt;
+layout(std430, binding = 3) writeonly buffer Y { float y[]; };
+layout(push_constant) uniform P { uint rows, d, gx, affine; float eps; } pc;
+#ifdef VKG_LN_SCALAR
+#define VW 1u
+#define FETCH(t, i) vec4(texelFetch(t, int(i)).x, 0.0, 0.0, 0.0)
+#else
+#define VW 4u
+#define FETCH(t, i) texelFetch(t, int(i))
+#endif
+
+void main()
+{
+    uint row = gl_WorkGroupID.y * pc.gx + gl_WorkGroupID.x;
+    if (row >= pc.rows) return;
+    uint lane = gl_LocalInvocationID.x, dv = pc.d / VW, base = row * dv;
+    vec4 s = vec4(0.0);
+    for (uint i = lane; i < dv; i += gl_WorkGroupSize.x) s += FETCH(X, base + i);
+    float mean = subgroupAdd((s.x + s.y) + (s.z + s.w)) / float(pc.d);
+    vec4 v = vec4(0.0);
+    for (uint i = lane; i < dv; i += gl_WorkGroupSize.x) {
+        vec4 c = FETCH(X, base + i) - mean;
+#ifdef VKG_LN_SCALAR
+        c.yzw = vec3(0.0);
+#endif
+        v += c * c;
+    }
+    float rstd = inversesqrt(subgroupAdd((v.x + v.y) + (v.z + v.w)) / float(pc.d) + pc.eps);
+    for (uint i = lane; i < dv; i += gl_WorkGroupSize.x) {
+        vec4 o = (FETCH(X, base + i) - mean) * rstd;
+        if (pc.affine != 0u) o = o * FETCH(G, i) + FETCH(Bt, i);
+        uint e = (base + i) * VW;
+        y[e] = o.x;
+#ifndef VKG_LN_SCALAR
+        y[e + 1u] = o.y;
+        y[e + 2u] = o.z;
+        y[e + 3u] = o.w;
+#endif
+    }
+}
+#else
 layout(std430, binding = 0) readonly buffer X { float x[]; };
 layout(std430, binding = 1) readonly buffer G { float gamma[]; };
 layout(std430, binding = 2) readonly buffer Bt { float beta[]; };
@@ -48,3 +97,4 @@ void main()
         y[base + i] = pc.affine != 0u ? o * gamma[i] + beta[i] : o;
     }
 }
+#endif

@@ -18,17 +18,25 @@ layout(constant_id = 4) const uint TM = 4;
 layout(constant_id = 5) const uint TN = 4;
 
 layout(push_constant) uniform P {
-    uint M, N, K, flags; // flags: bit0 bias, bits 1-2 activation (ACT_*)
+    uint M, N, K, flags; // flags: bit0 bias, bits 1-2 activation (ACT_*), bit3 scale, bit4 residual
     uint sx, sw, sy, pad; // batch strides in elements (0 = shared across the batch)
 } pc;
 
 layout(std430, binding = 2) readonly buffer Bias { float bias[]; };
 layout(std430, binding = 3) writeonly buffer Yb { float y[]; };
+layout(std430, binding = 4) readonly buffer Scale { float scale[]; };
+layout(std430, binding = 5) readonly buffer Res { float res[]; };
 
+// The epilogue: y = residual + scale * act(acc + bias). A transformer's LayerScale and residual add
+// ride on the projection that feeds them instead of costing two more passes over the tensor.
 void store(uint m, uint n, float v)
 {
     if ((pc.flags & 1u) != 0u) v += bias[n];
-    y[gl_WorkGroupID.z * pc.sy + m * pc.N + n] = vkg_act(v, (pc.flags >> 1) & 3u);
+    v = vkg_act(v, (pc.flags >> 1) & 3u);
+    uint o = gl_WorkGroupID.z * pc.sy + m * pc.N + n;
+    if ((pc.flags & 8u) != 0u) v *= scale[n];
+    if ((pc.flags & 16u) != 0u) v += res[o];
+    y[o] = v;
 }
 
 #ifdef VKG_MM_TILED

@@ -28,8 +28,9 @@ typedef struct mm_shape {
     int w_shared;
 } mm_shape;
 
+/* epi: bit 0 a per-column scale, bit 1 a residual added last (y = res + scale * act(x W^T + b)). */
 static int run_matmul_case(vkg_context *ctx, vkg_mm_variant variant, mm_shape s, vkg_dtype wdt, int act, int bias,
-                           uint32_t seed)
+                           int epi, uint32_t seed)
 {
     size_t nx = (size_t)s.batch * s.m * s.k, nw = (size_t)(s.w_shared ? 1 : s.batch) * s.n * s.k;
     size_t ny = (size_t)s.batch * s.m * s.n;
@@ -46,17 +47,34 @@ static int run_matmul_case(vkg_context *ctx, vkg_mm_variant variant, mm_shape s,
             w[i] = ref_f16_to_f32(wh[i]);
         }
     ref_matmul(x, w, bias ? b : NULL, want, mag, s.batch, s.m, s.n, s.k, s.w_shared, act);
+    float *sc = malloc((s.n + 1) * 4), *res = malloc((ny + 1) * 4);
+    h_fill(sc, s.n, seed + 3, 0.1f, 2.0f);
+    h_fill(res, ny, seed + 4, -3.0f, 3.0f);
+    for (size_t i = 0; i < ny; i++) {
+        double v = want[i];
+        if (epi & 1) {
+            v *= sc[i % (s.n ? s.n : 1)];
+            mag[i] *= sc[i % (s.n ? s.n : 1)];
+        }
+        if (epi & 2) {
+            v += res[i];
+            mag[i] += fabs(res[i]) / sqrt((double)s.k + 1.0); /* one more rounding, of the sum */
+        }
+        want[i] = (float)v;
+    }
     /* fp32 accumulation error grows ~sqrt(k) in the sum of |x w|; GELU's erf adds ~1e-7 absolute. */
     for (size_t i = 0; i < ny; i++) mag[i] *= 2.0 * sqrt((double)s.k + 1.0) * FLT_EPSILON;
 
     vkg_buf *bx = h_upload(ctx, x, nx * 4);
     vkg_buf *bw = wdt == VKG_DTYPE_F16 ? h_upload(ctx, wh, nw * 2) : h_upload(ctx, w, nw * 4);
     vkg_buf *bb = h_upload(ctx, b, (size_t)s.n * 4);
+    vkg_buf *bsc = h_upload(ctx, sc, (size_t)s.n * 4), *bres = h_upload(ctx, res, ny * 4);
     vkg_buf *by = NULL;
     OK(vkg_buf_create(ctx, ny * 4, &by));
     vkg_cmd *cmd = NULL;
     OK(vkg_cmd_begin(ctx, false, &cmd));
     vkg_matmul_args a = {.x = {bx, 0}, .w = {bw, 0}, .bias = {bias ? bb : NULL, 0}, .y = {by, 0},
+                         .scale = {epi & 1 ? bsc : NULL, 0}, .residual = {epi & 2 ? bres : NULL, 0},
                          .batch = s.batch, .m = s.m, .n = s.n, .k = s.k, .w_shared = s.w_shared != 0,
                          .w_dtype = wdt, .act = (vkg_act)act, .variant = variant};
     OK(vkg_matmul(cmd, &a));
@@ -64,12 +82,16 @@ static int run_matmul_case(vkg_context *ctx, vkg_mm_variant variant, mm_shape s,
     float *got = h_download(by, ny);
     h_maybe_fault(got, ny);
     char what[160];
-    snprintf(what, sizeof what, "matmul %s b=%u m=%u k=%u n=%u w=%s%s act=%d bias=%d",
+    snprintf(what, sizeof what, "matmul %s b=%u m=%u k=%u n=%u w=%s%s act=%d bias=%d scale=%d residual=%d",
              variant == VKG_MM_TEXEL ? "texel" : "tiled", s.batch, s.m, s.k, s.n,
-             wdt == VKG_DTYPE_F16 ? "f16" : "f32", s.w_shared ? "(shared)" : "", act, bias);
+             wdt == VKG_DTYPE_F16 ? "f16" : "f32", s.w_shared ? "(shared)" : "", act, bias, epi & 1, epi >> 1);
     h_compare(what, got, want, mag, ny, 2e-6, 2e-7);
     check_deterministic(cmd, by, ny, what);
     free(got);
+    free(sc);
+    free(res);
+    vkg_buf_destroy(bsc);
+    vkg_buf_destroy(bres);
     vkg_cmd_destroy(cmd);
     vkg_buf_destroy(bx);
     vkg_buf_destroy(bw);
@@ -96,7 +118,9 @@ static int test_matmul(vkg_context *ctx, vkg_mm_variant variant)
         for (int d = 0; d < 2; d++) {
             int act = (int)((i + (size_t)d) % 3);
             int bias = (i + (size_t)d) % 4 != 3;
-            if (run_matmul_case(ctx, variant, shapes[i], d ? VKG_DTYPE_F16 : VKG_DTYPE_F32, act, bias, seed++)) return 1;
+            int epi = (int)((i + 2 * (size_t)d) % 4);
+            if (run_matmul_case(ctx, variant, shapes[i], d ? VKG_DTYPE_F16 : VKG_DTYPE_F32, act, bias, epi, seed++))
+                return 1;
         }
     /* Out-of-range operands are refused with a message naming the operand. */
     vkg_buf *small = NULL;
@@ -119,7 +143,8 @@ static int test_matmul(vkg_context *ctx, vkg_mm_variant variant)
 
 /* ---- layernorm ---- */
 
-static int test_layernorm(vkg_context *ctx)
+/* variant: 0 device default, 1 shared-memory tree, 2 subgroup + texel (see vkg_layernorm_variant). */
+static int test_layernorm(vkg_context *ctx, int variant)
 {
     static const uint32_t shapes[][2] = {{1, 1}, {1, 2}, {3, 7}, {5, 384}, {17, 1000}, {2, 129}, {0, 5}, {70001, 3}};
     for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++)
@@ -138,13 +163,14 @@ static int test_layernorm(vkg_context *ctx)
             OK(vkg_buf_create(ctx, n * 4, &by));
             vkg_cmd *cmd;
             OK(vkg_cmd_begin(ctx, false, &cmd));
-            OK(vkg_layernorm(cmd, (vkg_tref){bx, 0}, (vkg_tref){affine ? bg : NULL, 0}, (vkg_tref){affine ? bb : NULL, 0},
-                             (vkg_tref){by, 0}, rows, d, eps));
+            OK(vkg_layernorm_variant(cmd, (vkg_tref){bx, 0}, (vkg_tref){affine ? bg : NULL, 0},
+                                     (vkg_tref){affine ? bb : NULL, 0}, (vkg_tref){by, 0}, rows, d, eps, variant));
             OK(vkg_cmd_submit_wait(cmd));
             float *got = h_download(by, n);
             h_maybe_fault(got, n);
             char what[96];
-            snprintf(what, sizeof what, "layernorm rows=%u d=%u affine=%d eps=%g", rows, d, affine, (double)eps);
+            snprintf(what, sizeof what, "layernorm%s rows=%u d=%u affine=%d eps=%g",
+                     variant == 2 ? " subgroup" : variant == 1 ? " tree" : "", rows, d, affine, (double)eps);
             h_compare(what, got, want, mag, n, 1e-6, 1e-6);
             check_deterministic(cmd, by, n, what);
             free(got);
@@ -421,11 +447,13 @@ int main(int argc, char **argv)
 {
     const char *op = argc > 1 ? argv[1] : "";
     vkg_mm_variant variant = VKG_MM_AUTO;
+    int ln_variant = 0; /* layernorm: tree (1) or subgroup (2) */
     for (int i = 2; i < argc; i++) {
         if (!strcmp(argv[i], "--inject-fault")) h_inject_fault = 1;
         else if (!strcmp(argv[i], "--variant") && i + 1 < argc) {
             i++;
             variant = !strcmp(argv[i], "texel") ? VKG_MM_TEXEL : !strcmp(argv[i], "tiled") ? VKG_MM_TILED : VKG_MM_AUTO;
+            ln_variant = !strcmp(argv[i], "tree") ? 1 : !strcmp(argv[i], "subgroup") ? 2 : 0;
         }
     }
     vkg_context *ctx = h_context();
@@ -438,7 +466,14 @@ int main(int argc, char **argv)
             return 77;
         }
         r = test_matmul(ctx, variant);
-    } else if (!strcmp(op, "layernorm")) r = test_layernorm(ctx);
+    } else if (!strcmp(op, "layernorm")) {
+        if (ln_variant == 2 && !vkg_layernorm_subgroup_supported(ctx)) {
+            printf("layernorm subgroup: device lacks subgroup size 8 with arithmetic ops; variant unavailable\n");
+            vkg_context_destroy(ctx);
+            return 77;
+        }
+        r = test_layernorm(ctx, ln_variant);
+    }
     else if (!strcmp(op, "unary")) r = test_unary(ctx);
     else if (!strcmp(op, "softmax")) r = test_softmax(ctx);
     else if (!strcmp(op, "binary")) r = test_binary(ctx);
@@ -451,7 +486,7 @@ int main(int argc, char **argv)
         r = test_attention(ctx, variant);
     }
     else {
-        fprintf(stderr, "usage: test_ops matmul|layernorm|unary|softmax|binary|attention [--variant tiled|texel] [--inject-fault]\n");
+        fprintf(stderr, "usage: test_ops matmul|layernorm|unary|softmax|binary|attention [--variant tiled|texel|tree|subgroup] [--inject-fault]\n");
         vkg_context_destroy(ctx);
         return 2;
     }

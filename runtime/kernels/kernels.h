@@ -24,6 +24,8 @@ typedef struct vkg_matmul_args {
     vkg_tref w;       /* (n, k), or (batch, n, k) unless w_shared; fp32 or fp16 */
     vkg_tref bias;    /* (n) fp32, optional (buf NULL) */
     vkg_tref y;       /* (batch, m, n) fp32 */
+    vkg_tref scale;   /* (n) fp32, optional: multiplies act(x W^T + b) (LayerScale) */
+    vkg_tref residual;/* (batch, m, n) fp32, optional: added last (y = residual + scale * act(...)) */
     uint32_t batch;   /* 0 means 1 */
     uint32_t m, n, k;
     bool w_shared;    /* one W for every batch element (a Linear layer) */
@@ -41,6 +43,12 @@ vkg_status vkg_matmul(vkg_cmd *cmd, const vkg_matmul_args *a);
 /* y = LayerNorm(x) over the last dim d, for `rows` rows; gamma/beta (d) optional (buf NULL). */
 vkg_status vkg_layernorm(vkg_cmd *cmd, vkg_tref x, vkg_tref gamma, vkg_tref beta, vkg_tref y, uint32_t rows,
                          uint32_t d, float eps);
+
+/* The same with a chosen variant: 0 the device's default, 1 shared-memory tree (any device),
+ * 2 one subgroup of 8 per row with texel reads (lavapipe's default). */
+vkg_status vkg_layernorm_variant(vkg_cmd *cmd, vkg_tref x, vkg_tref gamma, vkg_tref beta, vkg_tref y, uint32_t rows,
+                                 uint32_t d, float eps, int variant);
+bool vkg_layernorm_subgroup_supported(const vkg_context *ctx);
 
 /* y = act(x) elementwise over n floats (act RELU or GELU). */
 vkg_status vkg_unary(vkg_cmd *cmd, vkg_act act, vkg_tref x, vkg_tref y, uint64_t n);

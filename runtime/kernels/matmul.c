@@ -57,16 +57,24 @@ vkg_status vkg_matmul(vkg_cmd *cmd, const vkg_matmul_args *a)
     if (a->bias.buf) VKG_TRY(check_ref(a->bias, (VkDeviceSize)a->n * 4, "bias"));
     if (a->m == 0 || a->n == 0) return VKG_SUCCESS; /* empty output: nothing to write */
 
-    mm_push pc = {a->m, a->n, a->k, (a->bias.buf ? 1u : 0u) | ((uint32_t)a->act << 1),
+    if (a->scale.buf) VKG_TRY(check_ref(a->scale, (VkDeviceSize)a->n * 4, "scale"));
+    if (a->residual.buf) VKG_TRY(check_ref(a->residual, yb, "residual"));
+    mm_push pc = {a->m, a->n, a->k,
+                  (a->bias.buf ? 1u : 0u) | ((uint32_t)a->act << 1) | (a->scale.buf ? 8u : 0u) | (a->residual.buf ? 16u : 0u),
                   a->m * a->k, a->w_shared ? 0 : a->n * a->k, a->m * a->n, 0};
     vkg_mm_variant v = a->variant ? a->variant : vkg_matmul_default_variant(ctx);
-    vkg_pipeline_desc pd = {.nbindings = 4, .push_size = sizeof pc, .nspec = 6};
+    vkg_pipeline_desc pd = {.nbindings = 6, .push_size = sizeof pc, .nspec = 6};
     uint32_t gx, gy;
-    vkg_binding b[4] = {
+    /* Absent optional operands bind x, which the shader then never reads. */
+    vkg_binding b[6] = {
         {a->x.buf, a->x.offset, xb, 0, false},
         {a->w.buf, a->w.offset, wb, 0, false},
         {a->bias.buf ? a->bias.buf : a->y.buf, a->bias.buf ? a->bias.offset : a->y.offset, 4, 0, false},
-        {a->y.buf, a->y.offset, yb, 0, true}};
+        {a->y.buf, a->y.offset, yb, 0, true},
+        {a->scale.buf ? a->scale.buf : a->x.buf, a->scale.buf ? a->scale.offset : a->x.offset, 0, 0, false},
+        {a->residual.buf ? a->residual.buf : a->x.buf, a->residual.buf ? a->residual.offset : a->x.offset, 0, 0, false}};
+    if (a->scale.buf) b[4].range = (VkDeviceSize)a->n * 4;
+    if (a->residual.buf) b[5].range = yb;
     if (a->bias.buf) b[2].range = (VkDeviceSize)a->n * 4;
 
     if (v == VKG_MM_TEXEL) {

@@ -145,7 +145,9 @@ class Builder:
         return self._add_tensor(name, dtype, "constant", list(arr.shape), data=data, value=value)
 
     # -- ops --
-    def linear(self, x, weight, bias=None, activation=0, name=None):
+    def linear(self, x, weight, bias=None, activation=0, name=None, scale=None, residual=None):
+        """residual + scale * act(x weight^T + bias); scale (N,) and residual (shape of the output)
+        are optional (LayerScale and the residual add fused into the projection)."""
         name = self._node_name(name, "linear")
         self._check_tensor(x, name, "x")
         self._check_tensor(weight, name, "weight")
@@ -172,6 +174,22 @@ class Builder:
                 raise ValueError("node %r: bias must be an f32 constant of shape (%d), got %r"
                                  % (name, n, bias))
             inputs.append(bias.index)
+        if scale is not None or residual is not None:
+            if bias is None:
+                inputs.append(None)
+            if scale is not None:
+                self._check_tensor(scale, name, "scale")
+                if scale.role != "constant" or scale.dtype != "f32" or scale.shape != (n,):
+                    raise ValueError("node %r: scale must be an f32 constant of shape (%d), got %r"
+                                     % (name, n, scale))
+            inputs.append(None if scale is None else scale.index)
+            if residual is not None:
+                self._check_tensor(residual, name, "residual")
+                if residual.dtype != "f32" or residual.rank != x.rank or (
+                        isinstance(residual.shape[-1], int) and residual.shape[-1] != n):
+                    raise ValueError("node %r: residual must be f32 with the output's shape, got %r"
+                                     % (name, residual))
+                inputs.append(residual.index)
         attrs = {"activation": int(activation)} if activation else {}
         return self._node("linear", name, inputs, list(x.shape[:-1]) + [n], attrs)
 

@@ -498,9 +498,10 @@ def export_dinov2(model, image_size, taps=(3, 6, 9, 12), norm=False, fp16=False,
     def const(key, arr=None, dtype=None):
         return b.constant(key, sd[key] if arr is None else arr, dtype=dtype)
 
-    def lin(x, prefix, name, activation=0):
+    def lin(x, prefix, name, activation=0, scale=None, residual=None):
         wt = const(prefix + ".weight", dtype=wdt)
-        return b.linear(x, wt, const(prefix + ".bias"), activation=activation, name=name)
+        return b.linear(x, wt, const(prefix + ".bias"), activation=activation, name=name,
+                        scale=scale, residual=residual)
 
     def ln(x, prefix, name):
         return b.layernorm(x, const(prefix + ".weight"), const(prefix + ".bias"), eps=LN_EPS,
@@ -523,14 +524,11 @@ def export_dinov2(model, image_size, taps=(3, 6, 9, 12), norm=False, fp16=False,
         a = ln(x, p + ".norm1", p + ".norm1")
         a = lin(a, p + ".attn.qkv", p + ".attn.qkv")
         a = b.attention_packed(a, model.heads, scale=(d // model.heads) ** -0.5, name=p + ".attn")
-        a = lin(a, p + ".attn.proj", p + ".attn.proj")
-        a = b.mul(a, const(p + ".ls1.gamma"), name=p + ".ls1")
-        x = b.add(x, a, name=p + ".add1")
+        # x + ls1.gamma * proj(a): LayerScale and the residual add in the projection's epilogue
+        x = lin(a, p + ".attn.proj", p + ".attn.proj", scale=const(p + ".ls1.gamma"), residual=x)
         f = ln(x, p + ".norm2", p + ".norm2")
         f = lin(f, p + ".mlp.fc1", p + ".mlp.fc1", activation=2)
-        f = lin(f, p + ".mlp.fc2", p + ".mlp.fc2")
-        f = b.mul(f, const(p + ".ls2.gamma"), name=p + ".ls2")
-        x = b.add(x, f, name=p + ".add2")
+        x = lin(f, p + ".mlp.fc2", p + ".mlp.fc2", scale=const(p + ".ls2.gamma"), residual=x)
         blocks_out[i + 1] = x
     for t in taps:
         y = blocks_out[t]

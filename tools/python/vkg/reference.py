@@ -78,7 +78,7 @@ def _eval(node, x, dt):
             raise FormatError("node %r (%s): %d inputs" % (node.name, op, len(x)))
 
     if op == "linear":
-        need(2, 3)
+        need(2, 5)
         inp, w = x[0], x[1]
         if w.ndim != 2 or inp.shape[-1] != w.shape[1]:
             raise FormatError("node %r: x %s and weight %s" % (node.name, inp.shape, w.shape))
@@ -92,6 +92,12 @@ def _eval(node, x, dt):
             y = gelu(y)
         elif act != 0:
             raise FormatError("node %r: activation %r" % (node.name, act))
+        if len(x) > 3 and x[3] is not None:
+            y = y * x[3]
+        if len(x) > 4 and x[4] is not None:
+            if x[4].shape != y.shape:
+                raise FormatError("node %r: residual %s, output %s" % (node.name, x[4].shape, y.shape))
+            y = y + x[4]
         return y.astype(dt)
     if op == "layernorm":
         if len(x) not in (1, 3) or (len(x) == 3 and (x[1] is None) != (x[2] is None)):
