@@ -217,6 +217,34 @@ static vkg_status binary_record(vkg_cmd *cmd, const vkg_ir_node *n, const vkg_rt
                       in[1]->ref, b, in[1]->shape.rank, out->ref);
 }
 
+/* ---- swiglu ---- */
+
+static vkg_status swiglu_validate(const vkg_graph *g, const vkg_ir_node *n)
+{
+    const vkg_ir_tensor *x = in_t(g, n, 0);
+    if (x->rank < 1) return GRAPH_FAIL(g, n, "input must have rank >= 1");
+    if (last_dim(x) >= 0 && last_dim(x) % 2)
+        return GRAPH_FAIL(g, n, "input \"%s\" has an odd last dim %lld; expected 2h (gate and value halves)", x->name,
+                          (long long)last_dim(x));
+    return VKG_SUCCESS;
+}
+
+static vkg_status swiglu_infer(const vkg_graph *g, const vkg_ir_node *n, const vkg_shape *const *in, vkg_shape *out)
+{
+    if (in[0]->dims[in[0]->rank - 1] % 2)
+        return GRAPH_FAIL(g, n, "last dim %lld is odd", (long long)in[0]->dims[in[0]->rank - 1]);
+    *out = *in[0];
+    out->dims[out->rank - 1] /= 2;
+    return VKG_SUCCESS;
+}
+
+static vkg_status swiglu_record(vkg_cmd *cmd, const vkg_ir_node *n, const vkg_rt_tensor *const *in, const vkg_rt_tensor *out)
+{
+    (void)n;
+    uint64_t h = (uint64_t)out->shape.dims[out->shape.rank - 1];
+    return vkg_swiglu(cmd, in[0]->ref, out->ref, (uint32_t)(h ? vkg_shape_numel(&out->shape) / h : 0), (uint32_t)h);
+}
+
 /* ---- softmax ---- */
 
 static const vkg_attr_spec softmax_attrs[] = {{"axis", VKG_ATTR_INT, false}, {NULL, 0, false}};
@@ -560,6 +588,7 @@ static const vkg_op_def ops[] = {
     {"relu", 1, 1, 1, no_attrs, NULL, same_infer, relu_record, NULL},
     {"add", 2, 2, 1, no_attrs, binary_validate, binary_infer, binary_record, NULL},
     {"mul", 2, 2, 1, no_attrs, binary_validate, binary_infer, binary_record, NULL},
+    {"swiglu", 1, 1, 1, no_attrs, swiglu_validate, swiglu_infer, swiglu_record, NULL},
     {"softmax", 1, 1, 1, softmax_attrs, softmax_validate, same_infer, softmax_record, NULL},
     {"reshape", 1, 1, 1, reshape_attrs, reshape_validate, reshape_infer, NULL, NULL},
     {"patchify", 1, 1, 1, patchify_attrs, patchify_validate, patchify_infer, patchify_record, NULL},

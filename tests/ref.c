@@ -190,3 +190,12 @@ void ref_attention(const float *q, const float *k, const float *v, const float *
     free(s);
     free(sa);
 }
+
+void ref_swiglu(const float *x, float *y, uint32_t rows, uint32_t h)
+{
+    for (uint32_t r = 0; r < rows; r++)
+        for (uint32_t j = 0; j < h; j++) {
+            double a = x[(size_t)r * 2 * h + j], b = x[(size_t)r * 2 * h + h + j];
+            y[(size_t)r * h + j] = (float)(a / (1.0 + exp(-a)) * b);
+        }
+}

@@ -13,6 +13,8 @@ void ref_matmul(const float *x, const float *w, const float *bias, float *y, dou
 void ref_layernorm(const float *x, const float *gamma, const float *beta, float *y, double *mag, uint32_t rows,
                    uint32_t d, float eps);
 void ref_unary(const float *x, float *y, uint64_t n, int act);
+/* y (rows, h) = silu(x[:, :h]) * x[:, h:] for x (rows, 2h). */
+void ref_swiglu(const float *x, float *y, uint32_t rows, uint32_t h);
 void ref_softmax(const float *x, float *y, uint32_t rows, uint32_t d);
 /* NumPy-broadcast add (op 0) or multiply (op 1); shapes right-aligned; y has `out` shape. */
 void ref_binary(int op, const float *a, const uint32_t *as, uint32_t ar, const float *b, const uint32_t *bs,

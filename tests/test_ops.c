@@ -223,6 +223,40 @@ static int test_unary(vkg_context *ctx)
     return 0;
 }
 
+/* ---- swiglu ---- */
+
+static int test_swiglu(vkg_context *ctx)
+{
+    static const uint32_t shapes[][2] = {{1, 1}, {3, 7}, {257, 4096}, {0, 5}, {70001, 3}, {5, 1}};
+    for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++) {
+        uint32_t rows = shapes[i][0], h = shapes[i][1];
+        size_t n = (size_t)rows * h;
+        float *x = malloc(2 * n * 4 + 4), *want = malloc(n * 4 + 4);
+        h_fill(x, 2 * n, (uint32_t)i + 51, -8.0f, 8.0f);
+        ref_swiglu(x, want, rows, h);
+        vkg_buf *bx = h_upload(ctx, x, 2 * n * 4), *by;
+        OK(vkg_buf_create(ctx, n * 4, &by));
+        vkg_cmd *cmd;
+        OK(vkg_cmd_begin(ctx, false, &cmd));
+        OK(vkg_swiglu(cmd, (vkg_tref){bx, 0}, (vkg_tref){by, 0}, rows, h));
+        OK(vkg_cmd_submit_wait(cmd));
+        float *got = h_download(by, n);
+        h_maybe_fault(got, n);
+        char what[64];
+        snprintf(what, sizeof what, "swiglu rows=%u h=%u", rows, h);
+        /* exp() of the GPU is within a few ulp: 2e-6 relative, 1e-6 absolute near 0. */
+        h_compare(what, got, want, NULL, n, 1e-6, 2e-6);
+        check_deterministic(cmd, by, n, what);
+        free(got);
+        vkg_cmd_destroy(cmd);
+        vkg_buf_destroy(bx);
+        vkg_buf_destroy(by);
+        free(x);
+        free(want);
+    }
+    return 0;
+}
+
 /* ---- softmax ---- */
 
 static int test_softmax(vkg_context *ctx)
@@ -476,6 +510,7 @@ int main(int argc, char **argv)
     }
     else if (!strcmp(op, "unary")) r = test_unary(ctx);
     else if (!strcmp(op, "softmax")) r = test_softmax(ctx);
+    else if (!strcmp(op, "swiglu")) r = test_swiglu(ctx);
     else if (!strcmp(op, "binary")) r = test_binary(ctx);
     else if (!strcmp(op, "attention")) {
         if (variant == VKG_MM_TEXEL && !vkg_attention_texel_supported(ctx)) {
@@ -486,7 +521,7 @@ int main(int argc, char **argv)
         r = test_attention(ctx, variant);
     }
     else {
-        fprintf(stderr, "usage: test_ops matmul|layernorm|unary|softmax|binary|attention [--variant tiled|texel|tree|subgroup] [--inject-fault]\n");
+        fprintf(stderr, "usage: test_ops matmul|layernorm|unary|softmax|binary|attention|swiglu [--variant tiled|texel|tree|subgroup] [--inject-fault]\n");
         vkg_context_destroy(ctx);
         return 2;
     }

@@ -63,6 +63,9 @@ vkg_status vkg_binary(vkg_cmd *cmd, vkg_binop op, vkg_tref a, const uint32_t *a_
 vkg_status vkg_broadcast_shape(const uint32_t *a, uint32_t ar, const uint32_t *b, uint32_t br, uint32_t *out,
                                uint32_t *out_rank);
 
+/* y (rows, h) = silu(x[:, :h]) * x[:, h:] for x (rows, 2h); silu(v) = v * sigmoid(v). */
+vkg_status vkg_swiglu(vkg_cmd *cmd, vkg_tref x, vkg_tref y, uint32_t rows, uint32_t h);
+
 /* y = softmax(x) over the last dim d, for `rows` rows. */
 vkg_status vkg_softmax(vkg_cmd *cmd, vkg_tref x, vkg_tref y, uint32_t rows, uint32_t d);
 
