@@ -11,10 +11,13 @@ PKGS=(
 )
 
 # PyPI packages for the tests, installed without dependencies next to Debian's PyTorch (never into
-# the system site): timm, an independent DINOv2 implementation the exporter is compared against.
+# the system site): timm and Hugging Face transformers, the independent DINOv2 implementations the
+# exporter is compared against (transformers 4.40 is the newest that runs on PyTorch 1.13), with the
+# modules transformers imports, pinned.
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 PYDEPS="$ROOT/build/pydeps"
-PYPI_PKGS=(timm==1.0.31)
+PYPI_PKGS=(timm==1.0.31 transformers==4.40.2 huggingface_hub==0.23.4 safetensors==0.4.3 tokenizers==0.19.1
+           regex==2026.11.19 filelock==4.3.1 tqdm==4.70.1 packaging==26.4 pyyaml==6.0.4 requests==2.34.2)
 
 missing=()
 for p in "${PKGS[@]}"; do

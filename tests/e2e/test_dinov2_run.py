@@ -57,6 +57,10 @@ class DinoV2Run(unittest.TestCase):
     def test_vits14_224_fp16(self):
         self.check("vits14", (224, 224), [3, 6, 9, 12], norm=True, fp16=True, bound=2e-2)
 
+    def test_vitg14_depth1(self):
+        # ViT-g's SwiGLU FFN at full width (D 1536, hidden 4096), one block to keep the test short.
+        self.check("vitg14", (224, 224), [1], norm=True, depth=1, seed=4)
+
     def test_vits14_reg_batch2(self):
         self.check("vits14_reg", (224, 168), [2, 4], norm=True, depth=4, batch=2, seed=3)
 

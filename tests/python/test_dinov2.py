@@ -134,7 +134,7 @@ class ExportTest(unittest.TestCase):
         h, w = size[0] // 14, size[1] // 14
         for t, wv in zip(taps, want):
             gv = got["block%d" % t]
-            self.assertEqual(gv.shape, (batch, 1 + model.n_registers + h * w, 384))
+            self.assertEqual(gv.shape, (batch, 1 + model.n_registers + h * w, model.embed_dim))
             err = np.abs(gv - wv).max() / rms(wv)
             self.assertLess(err, 2e-2 if fp16 else 1e-4, (arch, size, t, err))
         return g, got
@@ -168,10 +168,39 @@ class ExportTest(unittest.TestCase):
         with self.assertRaisesRegex(dinov2.ExportError, "tap 3"):
             dinov2.export_dinov2(model, (224, 224), [3])
 
-    def test_vitg14_not_supported(self):
-        for arch in ("vitg14", "vitg14_reg"):
-            with self.assertRaisesRegex(NotImplementedError, "vitg14"):
-                dinov2.DinoV2(arch)
+    def test_vitg14_swiglu_224(self):
+        # one SwiGLU block (full vitg14 is 1.1B parameters): linear(w12) -> swiglu -> linear(w3)
+        g, _ = self.check("vitg14", 1, (224, 224), [1], norm=True, seed=6)
+        ops = [n.op for n in g.nodes]
+        self.assertEqual(ops.count("swiglu"), 1)
+        self.assertEqual(ops.count("gelu"), 0)
+        names = {n.name: n for n in g.nodes}
+        self.assertEqual(names["blocks.0.mlp.w12"].attrs.get("activation", 0), 0)
+        sw = names["blocks.0.mlp.swiglu"]
+        self.assertEqual(g.tensors[sw.inputs[0]].dims[-1], 8192)
+        self.assertEqual(g.tensors[sw.outputs[0]].dims[-1], 4096)
+        self.assertEqual(len(names["blocks.0.mlp.w3"].inputs), 5)      # scale + residual
+
+    def test_vitg14_reg_swiglu_small(self):
+        # 518 table resampled to 2 x 3 (antialias): few tokens keep this 1536-wide block fast
+        self.check("vitg14_reg", 1, (28, 42), [1], norm=False, seed=7)
+
+    def test_swiglu_op(self):
+        from vkg.builder import Builder
+        b = Builder()
+        x = b.input("x", ["batch", 3, 10])
+        y = b.swiglu(x, name="sw")
+        self.assertEqual(list(y.shape), ["batch", 3, 5])
+        b.output(y, "y")
+        with self.assertRaisesRegex(ValueError, "even"):
+            b2 = Builder()
+            b2.swiglu(b2.input("odd", [2, 7]))
+        g = read_graph(b.to_bytes())
+        v = np.random.default_rng(0).standard_normal((2, 3, 10))
+        got = reference.run(g, {"x": v})["y"]
+        t = torch.from_numpy(v)
+        want = (torch.nn.functional.silu(t[..., :5]) * t[..., 5:]).numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 
     def test_arch_table(self):
         self.assertEqual(dinov2_cli.ARCH_NAMES, dinov2.ARCH_NAMES)
@@ -182,6 +211,14 @@ class ExportTest(unittest.TestCase):
                              (d, depth, heads))
             self.assertEqual(m.blocks[0].mlp.fc1.weight.shape, (4 * d, d))
         self.assertEqual(dinov2.DinoV2("vitl14_reg", depth=1).register_tokens.shape, (1, 4, 1024))
+        cfg = dinov2.arch_config("vitg14")
+        self.assertEqual((cfg["embed_dim"], cfg["depth"], cfg["heads"], cfg["ffn"]),
+                         (1536, 40, 24, "swiglu"))
+        self.assertEqual(dinov2.swiglu_hidden(1536), 4096)
+        m = dinov2.DinoV2("vitg14_reg", depth=1)
+        self.assertEqual(m.blocks[0].mlp.w12.weight.shape, (8192, 1536))
+        self.assertEqual(m.blocks[0].mlp.w3.weight.shape, (1536, 4096))
+        self.assertEqual(m.register_tokens.shape, (1, 4, 1536))
 
     def test_cli(self):
         from vkg.__main__ import main
@@ -283,6 +320,27 @@ class CheckpointTest(unittest.TestCase):
                 p = os.path.join(d, "pytorch_model.bin")
                 torch.save({"dinov2." + k: v for k, v in hsd.items()}, p)
                 self.assert_same_weights(m, self.roundtrip(arch, p, "hf"))
+
+    def test_vitg14_swiglu_layouts(self):
+        # official mlp.w12 / mlp.w3 <-> timm SwiGLUPacked mlp.fc1 / mlp.fc2 <-> HF
+        # Dinov2SwiGLUFFN mlp.weights_in / mlp.weights_out
+        m = dinov2.build_model("vitg14", "random:12", depth=1)
+        tsd = dinov2.to_timm_state_dict(m.state_dict())
+        self.assertEqual(tsd["blocks.0.mlp.fc1.weight"].shape, (8192, 1536))
+        self.assertNotIn("blocks.0.mlp.w12.weight", tsd)
+        got = dinov2.DinoV2("vitg14", depth=1)
+        self.assertEqual(dinov2.load_state_dict_any(got, tsd), "timm")
+        self.assert_same_weights(m, got, {"mask_token"})
+        hsd = dinov2.to_hf_state_dict(m.state_dict())
+        self.assertEqual(hsd["encoder.layer.0.mlp.weights_in.weight"].shape, (8192, 1536))
+        self.assertEqual(hsd["encoder.layer.0.mlp.weights_out.weight"].shape, (1536, 4096))
+        got = dinov2.DinoV2("vitg14", depth=1)
+        self.assertEqual(dinov2.load_state_dict_any(got, hsd), "hf")
+        self.assert_same_weights(m, got)
+        # an official checkpoint (w12 / w3 names) loads as is
+        got = dinov2.DinoV2("vitg14", depth=1)
+        self.assertEqual(dinov2.load_state_dict_any(got, m.state_dict()), "official")
+        self.assert_same_weights(m, got)
 
     def test_safetensors_dtypes(self):
         a = np.linspace(-3, 3, 24, dtype=np.float32).reshape(2, 3, 4)

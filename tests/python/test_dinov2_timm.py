@@ -43,10 +43,10 @@ def randomize(model, seed):
 @unittest.skipUnless(HAVE_TIMM, "timm is not importable (No module named 'timm'); install it "
                      "(pip install --no-deps timm) to compare against timm's DINOv2")
 class TimmTest(unittest.TestCase):
-    def compare(self, timm_name, arch, img_size, size, **timm_kw):
+    def compare(self, timm_name, arch, img_size, size, depth=DEPTH, **timm_kw):
         import timm
         try:
-            tm = timm.create_model(timm_name, pretrained=False, num_classes=0, depth=DEPTH,
+            tm = timm.create_model(timm_name, pretrained=False, num_classes=0, depth=depth,
                                    img_size=img_size, **timm_kw)
         except (RuntimeError, TypeError, KeyError) as e:   # older timm: model or kwarg missing
             if os.environ.get("VKG_REQUIRE_TIMM") == "1":
@@ -55,7 +55,7 @@ class TimmTest(unittest.TestCase):
                                                               timm_kw, e))
         tm.eval()
         randomize(tm, 0)
-        ours = dinov2.DinoV2(arch, depth=DEPTH, img_size=img_size).eval()
+        ours = dinov2.DinoV2(arch, depth=depth, img_size=img_size).eval()
         layout = dinov2.load_state_dict_any(ours, tm.state_dict())
         self.assertEqual(layout, "timm")
         captured = []
@@ -64,10 +64,10 @@ class TimmTest(unittest.TestCase):
         x = torch.randn(1, 3, size[0], size[1], generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
             tm.forward_features(x)
-            want = ours(x, taps=range(1, DEPTH + 1))
+            want = ours(x, taps=range(1, depth + 1))
         for h in hooks:
             h.remove()
-        self.assertEqual(len(captured), DEPTH)
+        self.assertEqual(len(captured), depth)
         for i, (a, b) in enumerate(zip(captured, want)):
             self.assertEqual(tuple(a.shape), tuple(b.shape))
             err = (a - b).abs().max().item() / b.pow(2).mean().sqrt().item()
@@ -85,6 +85,15 @@ class TimmTest(unittest.TestCase):
         # the 518 table (37 x 37) resampled to 13 x 18 by both: bicubic, antialias, no offset
         self.compare("vit_small_patch14_reg4_dinov2", "vits14_reg", 518, (182, 252),
                      dynamic_img_size=True)
+
+    # vitg14: timm's SwiGLUPacked (mlp.fc1 chunked (gate, value), silu on the first half) loaded
+    # as the official mlp.w12 / mlp.w3; one block (the full model is 1.1B parameters)
+    # (a 70 table (5 x 5) at 70 input: no resampling; small so the 1536-wide block stays fast)
+    def test_vitg14_swiglu_native_grid(self):
+        self.compare("vit_giant_patch14_dinov2", "vitg14", 70, (70, 70), depth=1)
+
+    def test_vitg14_reg_swiglu_native_grid(self):
+        self.compare("vit_giant_patch14_reg4_dinov2", "vitg14_reg", 70, (70, 70), depth=1)
 
 
 if __name__ == "__main__":

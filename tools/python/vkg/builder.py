@@ -230,6 +230,21 @@ class Builder:
         self._check_tensor(x, name, "x")
         return self._node("relu", name, [x.index], list(x.shape))
 
+    def swiglu(self, x, name=None):
+        """silu(x[..., :h]) * x[..., h:] for x (..., 2h): output (..., h); silu(v) = v*sigmoid(v)."""
+        name = self._node_name(name, "swiglu")
+        self._check_tensor(x, name, "x")
+        if x.rank < 1:
+            raise ValueError("node %r: swiglu needs a tensor of rank >= 1" % name)
+        d = x.shape[-1]
+        if isinstance(d, int):
+            if d % 2:
+                raise ValueError("node %r: swiglu's last dim must be even, got %d" % (name, d))
+            half = d // 2
+        else:
+            half = None
+        return self._node("swiglu", name, [x.index], list(x.shape[:-1]) + [half])
+
     def _broadcast(self, op, a, b, name):
         name = self._node_name(name, op)
         self._check_tensor(a, name, "a")

@@ -2,10 +2,13 @@
 
 Written from shared/docs/model-spec.md §1.2 (not copied from any repository).
 
-- `DinoV2(arch, depth=None)`: archs vits14, vitb14, vitl14 and their `_reg` variants (4 register
-  tokens). vitg14 (SwiGLU FFN) is not supported: NotImplementedError. Parameter names follow the
-  official facebookresearch layout (patch_embed.proj, cls_token, pos_embed, register_tokens,
-  mask_token, blocks.N.{norm1,attn.qkv,attn.proj,ls1.gamma,norm2,mlp.fc1,mlp.fc2,ls2.gamma}, norm).
+- `DinoV2(arch, depth=None)`: archs vits14, vitb14, vitl14, vitg14 and their `_reg` variants (4
+  register tokens). Parameter names follow the official facebookresearch layout (patch_embed.proj,
+  cls_token, pos_embed, register_tokens, mask_token,
+  blocks.N.{norm1,attn.qkv,attn.proj,ls1.gamma,norm2,mlp.fc1,mlp.fc2,ls2.gamma}, norm). vitg14's
+  FFN is the official SwiGLU (`ffn_layer="swiglufused"`): hidden = (int(4 D * 2/3) + 7) // 8 * 8
+  (4096 for D = 1536), blocks.N.mlp.w12 (2 hidden, D) and blocks.N.mlp.w3 (D, hidden),
+  `x1, x2 = w12(x).chunk(2, -1); w3(silu(x1) * x2)`; exported as linear -> swiglu -> linear.
   `forward(image, taps=(3, 6, 9, 12), norm=False)` returns the listed block outputs (1-based),
   all tokens (cls, registers, patches), optionally through the final LayerNorm.
 - Positional-embedding interpolation exactly as the official `interpolate_pos_encoding`: bicubic
@@ -13,7 +16,8 @@ Written from shared/docs/model-spec.md §1.2 (not copied from any repository).
   `size=(h, w)`, antialias True for `_reg` models; the table is used as is when h == w == M.
 - `load_state_dict_any(model, src)`: official (.pth, possibly wrapped/prefixed), timm
   (`vit_*_patch14_dinov2`, `reg_token`, cls-folded pos-embed for reg models) and Hugging Face
-  `Dinov2Model` (.safetensors or .bin) layouts, auto-detected; a mismatch raises CheckpointError
+  `Dinov2Model` (.safetensors or .bin) layouts (SwiGLU: timm's SwiGLUPacked mlp.fc1 / mlp.fc2
+  and HF's Dinov2SwiGLUFFN mlp.weights_in / mlp.weights_out map to mlp.w12 / mlp.w3), auto-detected; a mismatch raises CheckpointError
   listing missing / unexpected / mis-shaped keys.
 - `export_dinov2(model, (H, W), taps, norm, fp16)` builds the graph with vkg.Builder.
 """
@@ -100,6 +104,24 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+def swiglu_hidden(dim, mlp_ratio=4.0):
+    """The official SwiGLUFFNFused hidden width: (int(int(dim * ratio) * 2/3) + 7) // 8 * 8."""
+    return (int(int(dim * mlp_ratio) * 2 / 3) + 7) // 8 * 8
+
+
+class SwiGLUFFN(nn.Module):
+    """The official DINOv2 SwiGLU FFN: w12 packs (gate, value); w3(silu(x1) * x2)."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.w12 = nn.Linear(dim, 2 * hidden)
+        self.w3 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        x1, x2 = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(x1) * x2)
+
+
 class LayerScale(nn.Module):
     def __init__(self, dim, init_values=1.0):
         super().__init__()
@@ -110,13 +132,13 @@ class LayerScale(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, dim, heads, hidden):
+    def __init__(self, dim, heads, hidden, ffn="mlp"):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
         self.attn = Attention(dim, heads)
         self.ls1 = LayerScale(dim)
         self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
-        self.mlp = Mlp(dim, hidden)
+        self.mlp = SwiGLUFFN(dim, hidden) if ffn == "swiglu" else Mlp(dim, hidden)
         self.ls2 = LayerScale(dim)
 
     def forward(self, x):
@@ -130,10 +152,6 @@ class DinoV2(nn.Module):
     def __init__(self, arch="vits14", depth=None, img_size=IMG_SIZE):
         super().__init__()
         cfg = arch_config(arch)
-        if cfg["ffn"] != "mlp":
-            raise NotImplementedError(
-                "DINOv2 arch %r: vitg14 uses a SwiGLU FFN (mlp.w12 / mlp.w3), which vkg.dinov2 "
-                "does not support; use vits14, vitb14 or vitl14 (or their _reg variants)" % arch)
         self.arch = arch
         self.cfg = cfg
         d = self.embed_dim = cfg["embed_dim"]
@@ -155,8 +173,14 @@ class DinoV2(nn.Module):
         else:
             self.register_tokens = None
         self.mask_token = nn.Parameter(torch.zeros(1, d))        # training only
-        hidden = int(d * cfg["mlp_ratio"])
-        self.blocks = nn.ModuleList([Block(d, self.heads, hidden) for _ in range(self.depth)])
+        self.ffn = cfg["ffn"]
+        if self.ffn == "swiglu":
+            hidden = swiglu_hidden(d, cfg["mlp_ratio"])
+        else:
+            hidden = int(d * cfg["mlp_ratio"])
+        self.ffn_hidden = hidden
+        self.blocks = nn.ModuleList([Block(d, self.heads, hidden, self.ffn)
+                                     for _ in range(self.depth)])
         self.norm = nn.LayerNorm(d, eps=LN_EPS)
 
     # -- positional embedding --
@@ -325,15 +349,26 @@ def detect_layout(sd):
 def _from_timm(sd):
     """timm (`vit_*_patch14_dinov2`, `*_reg4_dinov2`) -> official names. timm's reg models have
     `reg_token`, no cls row in pos_embed (no_embed_class) and the cls row folded into cls_token:
-    cls_token + 0 keeps the sum cls_token + pos_embed[:, 0] of the official model exact."""
+    cls_token + 0 keeps the sum cls_token + pos_embed[:, 0] of the official model exact.
+    timm's vitg14 FFN is SwiGLUPacked (GluMlp, gate_last=False): mlp.fc1 (2 hidden, D) chunked
+    (gate, value) with silu on the first half, mlp.fc2 (D, hidden), i.e. exactly the official
+    w12 / w3; a block is SwiGLU when its fc1 has twice the rows of fc2's columns."""
+    swiglu = set()
+    for k, v in sd.items():
+        if k.endswith(".mlp.fc1.weight") and v.dim() == 2:
+            fc2 = sd.get(k[:-len("fc1.weight")] + "fc2.weight")
+            if fc2 is not None and fc2.dim() == 2 and v.shape[0] == 2 * fc2.shape[1]:
+                swiglu.add(k[:-len("fc1.weight")])
     out = {}
     for k, v in sd.items():
         if k == "reg_token":
             out["register_tokens"] = v
-        elif ".mlp.w12." in k or ".mlp.w3." in k:
-            raise CheckpointError("key %r: a SwiGLU (vitg14) checkpoint, not supported" % k)
-        else:
-            out[k] = v
+            continue
+        pre, _, rest = k.rpartition(".mlp.")
+        pre += ".mlp."
+        if pre in swiglu and rest.split(".")[0] in ("fc1", "fc2"):
+            k = pre + ("w12" if rest.startswith("fc1") else "w3") + rest[3:]
+        out[k] = v
     if "reg_token" in sd and "pos_embed" in sd:
         pe = sd["pos_embed"]
         n = pe.shape[1]
@@ -346,6 +381,7 @@ _HF_BLOCK = {
     "norm1": "norm1", "norm2": "norm2",
     "attention.output.dense": "attn.proj",
     "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2",
+    "mlp.weights_in": "mlp.w12", "mlp.weights_out": "mlp.w3",     # Dinov2SwiGLUFFN (vitg14)
 }
 _HF_TOP = {
     "embeddings.cls_token": "cls_token",
@@ -380,8 +416,6 @@ def _from_hf(sd):
             if sub in _HF_BLOCK:
                 out["blocks.%s.%s.%s" % (i, _HF_BLOCK[sub], leaf)] = v
                 continue
-            if sub.startswith("mlp.weights_"):
-                raise CheckpointError("key %r: a SwiGLU (vitg14) checkpoint, not supported" % k)
         out["hf:" + k] = v                               # unknown: reported as unexpected
     for (i, leaf), parts in qkv.items():
         if set(parts) == {"query", "key", "value"}:
@@ -436,7 +470,13 @@ def load_state_dict_any(model, src, layout="auto"):
 
 def to_timm_state_dict(sd):
     """Official names -> timm's (what timm's DINOv2 checkpoint filter produces)."""
-    out = {k: v for k, v in sd.items() if k != "mask_token"}
+    out = {}
+    for k, v in sd.items():
+        if k == "mask_token":
+            continue
+        if ".mlp.w12." in k or ".mlp.w3." in k:          # SwiGLUPacked: fc1 / fc2
+            k = k.replace(".mlp.w12.", ".mlp.fc1.").replace(".mlp.w3.", ".mlp.fc2.")
+        out[k] = v
     if "register_tokens" in sd:
         out["reg_token"] = out.pop("register_tokens")
         out["cls_token"] = sd["cls_token"] + sd["pos_embed"][:, :1]
@@ -527,8 +567,15 @@ def export_dinov2(model, image_size, taps=(3, 6, 9, 12), norm=False, fp16=False,
         # x + ls1.gamma * proj(a): LayerScale and the residual add in the projection's epilogue
         x = lin(a, p + ".attn.proj", p + ".attn.proj", scale=const(p + ".ls1.gamma"), residual=x)
         f = ln(x, p + ".norm2", p + ".norm2")
-        f = lin(f, p + ".mlp.fc1", p + ".mlp.fc1", activation=2)
-        x = lin(f, p + ".mlp.fc2", p + ".mlp.fc2", scale=const(p + ".ls2.gamma"), residual=x)
+        if model.ffn == "swiglu":
+            # w3(silu(x1) * x2) with x1, x2 = w12(f).chunk(2, -1)
+            f = lin(f, p + ".mlp.w12", p + ".mlp.w12")
+            f = b.swiglu(f, name=p + ".mlp.swiglu")
+            x = lin(f, p + ".mlp.w3", p + ".mlp.w3", scale=const(p + ".ls2.gamma"), residual=x)
+        else:
+            f = lin(f, p + ".mlp.fc1", p + ".mlp.fc1", activation=2)
+            x = lin(f, p + ".mlp.fc2", p + ".mlp.fc2", scale=const(p + ".ls2.gamma"),
+                    residual=x)
         blocks_out[i + 1] = x
     for t in taps:
         y = blocks_out[t]

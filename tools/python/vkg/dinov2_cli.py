@@ -18,7 +18,7 @@ def add_command(sub):
         "random weights from that seed.")
     p.add_argument("checkpoint", metavar="CHECKPOINT")
     p.add_argument("--arch", default="vits14", choices=ARCH_NAMES,
-                   help="model arch (vitg14 is refused: SwiGLU FFN not supported)")
+                   help="model arch (vitg14 has the SwiGLU FFN of the official code)")
     p.add_argument("--image-size", nargs=2, type=int, metavar=("H", "W"), default=(518, 518))
     p.add_argument("--taps", default=None,
                    help="comma-separated 1-based block numbers (default: 3,6,9,12 scaled to the "

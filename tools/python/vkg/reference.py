@@ -119,6 +119,14 @@ def _eval(node, x, dt):
     if op == "relu":
         need(1)
         return np.maximum(x[0], 0).astype(dt)
+    if op == "swiglu":
+        need(1)
+        v = x[0]
+        if v.ndim < 1 or v.shape[-1] % 2:
+            raise FormatError("node %r: swiglu input %s has no even last dim" % (node.name, v.shape))
+        hh = v.shape[-1] // 2
+        g, u = v[..., :hh], v[..., hh:]
+        return (g / (1.0 + np.exp(-g)) * u).astype(dt)
     if op in ("add", "mul"):
         need(2)
         try:
