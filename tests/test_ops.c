@@ -223,7 +223,30 @@ static int test_unary(vkg_context *ctx)
     return 0;
 }
 
-/* ---- swiglu ---- */
+/* ---- row ops: swiglu, softmax ---- */
+
+typedef vkg_status (*row_op)(vkg_cmd *cmd, vkg_tref x, vkg_tref y, uint32_t rows, uint32_t d);
+
+/* Runs op on x (nx floats) and compares its (rows x d_out) output with want. */
+static int run_row_op(vkg_context *ctx, row_op op, const char *what, const float *x, size_t nx, const float *want,
+                      size_t ny, uint32_t rows, uint32_t d, double atol, double rtol)
+{
+    vkg_buf *bx = h_upload(ctx, x, nx * 4), *by;
+    OK(vkg_buf_create(ctx, ny * 4, &by));
+    vkg_cmd *cmd;
+    OK(vkg_cmd_begin(ctx, false, &cmd));
+    OK(op(cmd, (vkg_tref){bx, 0}, (vkg_tref){by, 0}, rows, d));
+    OK(vkg_cmd_submit_wait(cmd));
+    float *got = h_download(by, ny);
+    h_maybe_fault(got, ny);
+    h_compare(what, got, want, NULL, ny, atol, rtol);
+    check_deterministic(cmd, by, ny, what);
+    free(got);
+    vkg_cmd_destroy(cmd);
+    vkg_buf_destroy(bx);
+    vkg_buf_destroy(by);
+    return 0;
+}
 
 static int test_swiglu(vkg_context *ctx)
 {
@@ -234,30 +257,16 @@ static int test_swiglu(vkg_context *ctx)
         float *x = malloc(2 * n * 4 + 4), *want = malloc(n * 4 + 4);
         h_fill(x, 2 * n, (uint32_t)i + 51, -8.0f, 8.0f);
         ref_swiglu(x, want, rows, h);
-        vkg_buf *bx = h_upload(ctx, x, 2 * n * 4), *by;
-        OK(vkg_buf_create(ctx, n * 4, &by));
-        vkg_cmd *cmd;
-        OK(vkg_cmd_begin(ctx, false, &cmd));
-        OK(vkg_swiglu(cmd, (vkg_tref){bx, 0}, (vkg_tref){by, 0}, rows, h));
-        OK(vkg_cmd_submit_wait(cmd));
-        float *got = h_download(by, n);
-        h_maybe_fault(got, n);
         char what[64];
         snprintf(what, sizeof what, "swiglu rows=%u h=%u", rows, h);
         /* exp() of the GPU is within a few ulp: 2e-6 relative, 1e-6 absolute near 0. */
-        h_compare(what, got, want, NULL, n, 1e-6, 2e-6);
-        check_deterministic(cmd, by, n, what);
-        free(got);
-        vkg_cmd_destroy(cmd);
-        vkg_buf_destroy(bx);
-        vkg_buf_destroy(by);
+        int r = run_row_op(ctx, vkg_swiglu, what, x, 2 * n, want, n, rows, h, 1e-6, 2e-6);
         free(x);
         free(want);
+        if (r) return r;
     }
     return 0;
 }
-
-/* ---- softmax ---- */
 
 static int test_softmax(vkg_context *ctx)
 {
@@ -268,24 +277,12 @@ static int test_softmax(vkg_context *ctx)
         float *x = malloc(n * 4 + 4), *want = malloc(n * 4 + 4);
         h_fill(x, n, (uint32_t)i + 21, -10.0f, 10.0f);
         ref_softmax(x, want, rows, d);
-        vkg_buf *bx = h_upload(ctx, x, n * 4), *by;
-        OK(vkg_buf_create(ctx, n * 4, &by));
-        vkg_cmd *cmd;
-        OK(vkg_cmd_begin(ctx, false, &cmd));
-        OK(vkg_softmax(cmd, (vkg_tref){bx, 0}, (vkg_tref){by, 0}, rows, d));
-        OK(vkg_cmd_submit_wait(cmd));
-        float *got = h_download(by, n);
-        h_maybe_fault(got, n);
         char what[64];
         snprintf(what, sizeof what, "softmax rows=%u d=%u", rows, d);
-        h_compare(what, got, want, NULL, n, 1e-8, 2e-6);
-        check_deterministic(cmd, by, n, what);
-        free(got);
-        vkg_cmd_destroy(cmd);
-        vkg_buf_destroy(bx);
-        vkg_buf_destroy(by);
+        int r = run_row_op(ctx, vkg_softmax, what, x, n, want, n, rows, d, 1e-8, 2e-6);
         free(x);
         free(want);
+        if (r) return r;
     }
     return 0;
 }

@@ -23,15 +23,20 @@ VKG_BIN = None
 
 
 class DinoV2Run(unittest.TestCase):
-    def check(self, arch, size, taps, norm, fp16=False, depth=None, batch=1, seed=0, bound=1e-4):
+    def check(self, arch, size, taps, norm, fp16=False, depth=None, batch=1, seed=0, bound=1e-4, tokens="all"):
         model = dinov2.build_model(arch, "random:%d" % seed, depth=depth)
         torch.manual_seed(seed + 100)
         x = torch.randn(batch, 3, size[0], size[1])
         with torch.no_grad():
             want = [t.numpy() for t in model(x, taps=taps, norm=norm)]
+        first = 1 + model.n_registers
+        if tokens == "patches":
+            want = [w[:, first:] for w in want]
+        elif tokens == "cls_patches":
+            want = [np.concatenate([w[:, :1], w[:, first:]], axis=1) for w in want]
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "dinov2.vkg")
-            dinov2.export_dinov2(model, size, taps=taps, norm=norm, fp16=fp16, path=path)
+            dinov2.export_dinov2(model, size, taps=taps, norm=norm, fp16=fp16, path=path, tokens=tokens)
             np.save(os.path.join(tmp, "image.npy"), x.numpy())
             out = os.path.join(tmp, "out")
             r = subprocess.run([VKG_BIN, "run", path, "--input", "image=" + os.path.join(tmp, "image.npy"),
@@ -56,6 +61,11 @@ class DinoV2Run(unittest.TestCase):
 
     def test_vits14_224_fp16(self):
         self.check("vits14", (224, 224), [3, 6, 9, 12], norm=True, fp16=True, bound=2e-2)
+
+    def test_vits14_reg_tokens(self):
+        # the heads read patch tokens (with or without cls), without the registers
+        self.check("vits14_reg", (224, 168), [1, 2], norm=True, depth=2, batch=2, seed=5, tokens="patches")
+        self.check("vits14_reg", (224, 168), [2], norm=False, depth=2, seed=6, tokens="cls_patches")
 
     def test_vitg14_depth1(self):
         # ViT-g's SwiGLU FFN at full width (D 1536, hidden 4096), one block to keep the test short.

@@ -512,11 +512,14 @@ def to_hf_state_dict(sd):
 
 
 def export_dinov2(model, image_size, taps=(3, 6, 9, 12), norm=False, fp16=False, path=None,
-                  metadata=None):
+                  metadata=None, tokens="all"):
     """Builds the .vkg graph of model for image_size = (H, W): input `image` (batch, 3, H, W) f32,
     outputs `block<t>` (batch, 1 + R + h*w, D) for each tap t (1-based), through the final
-    LayerNorm when norm. fp16 stores the linear (and patch) weights as f16. Returns the Builder
-    (saved to path when given)."""
+    LayerNorm when norm. tokens: "all" (cls, registers, patches), "patches" (h*w patch tokens) or
+    "cls_patches" (cls then patches: registers dropped). fp16 stores the linear (and patch) weights
+    as f16. Returns the Builder (saved to path when given)."""
+    if tokens not in ("all", "patches", "cls_patches"):
+        raise ExportError("tokens=%r: expected 'all', 'patches' or 'cls_patches'" % (tokens,))
     if not isinstance(model, DinoV2):
         raise ExportError("export_dinov2 needs a vkg.dinov2.DinoV2, got %s" % type(model).__name__)
     H, W = (int(s) for s in image_size)
@@ -583,6 +586,13 @@ def export_dinov2(model, image_size, taps=(3, 6, 9, 12), norm=False, fp16=False,
             if norm_w is None:
                 norm_w, norm_b = const("norm.weight"), const("norm.bias")
             y = b.layernorm(y, norm_w, norm_b, eps=LN_EPS, name="norm.block%d" % t)
+        first = 1 + model.n_registers
+        if tokens == "patches":
+            y = b.slice(y, 1, first, first + h * w, name="block%d.patches" % t)
+        elif tokens == "cls_patches" and model.n_registers:
+            cls = b.slice(y, 1, 0, 1, name="block%d.cls" % t)
+            pt = b.slice(y, 1, first, first + h * w, name="block%d.patches" % t)
+            y = b.insert_tokens(pt, cls, 0, name="block%d.cls_patches" % t)
         b.output(y, "block%d" % t)
     from . import __version__
     b.metadata("producer", "vkg.dinov2 %s" % __version__)

@@ -24,6 +24,9 @@ def add_command(sub):
                    help="comma-separated 1-based block numbers (default: 3,6,9,12 scaled to the "
                    "depth: the last block of each quarter)")
     p.add_argument("--norm", action="store_true", help="apply the final LayerNorm to each tap")
+    p.add_argument("--tokens", default="all", choices=("all", "patches", "cls_patches"),
+                   help="tokens of each output: all (cls, registers, patches; default), patches "
+                   "only, or cls and patches without the registers")
     p.add_argument("--fp16", action="store_true", help="store linear weights as f16")
     p.add_argument("--depth", type=int, default=None, help="override the block count")
     p.add_argument("--layout", default="auto", choices=("auto",) + LAYOUTS)
@@ -47,7 +50,7 @@ def run_command(args):
             return 1
     else:
         taps = sorted({max(1, model.depth * q // 4) for q in (1, 2, 3, 4)})
-    b = export_dinov2(model, args.image_size, taps, norm=args.norm, fp16=args.fp16,
+    b = export_dinov2(model, args.image_size, taps, norm=args.norm, fp16=args.fp16, tokens=args.tokens,
                       path=args.output)
     print("wrote %s: dinov2_%s, %d blocks, image %dx%d, outputs %s, %d nodes, %d parameters"
           % (args.output, model.arch, model.depth, args.image_size[0], args.image_size[1],
