@@ -29,6 +29,12 @@ typedef struct opts {
     bool profile;
 } opts;
 
+static void free_opts(opts *o)
+{
+    for (uint32_t i = 0; i < o->n_in; i++) free((char *)o->in_name[i]);
+    for (uint32_t i = 0; i < o->n_dims; i++) free((char *)o->dims[i].name);
+}
+
 static int parse(int argc, char **argv, opts *o, const char *usage)
 {
     memset(o, 0, sizeof *o);
@@ -66,14 +72,10 @@ static int parse(int argc, char **argv, opts *o, const char *usage)
     if (o->file && o->runs > 0 && o->warmup >= 0) return 0;
 bad:
     fprintf(stderr, "%s", usage);
+    free_opts(o);
     return 2;
 }
 
-static void free_opts(opts *o)
-{
-    for (uint32_t i = 0; i < o->n_in; i++) free((char *)o->in_name[i]);
-    for (uint32_t i = 0; i < o->n_dims; i++) free((char *)o->dims[i].name);
-}
 
 static void print_shape(FILE *f, const vkg_tensor_info *t)
 {
