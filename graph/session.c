@@ -77,9 +77,7 @@ static vkg_status infer_shapes(vkg_session *s, const vkg_session_desc *d)
                                  ot->name, r, (long long)want, (long long)out.dims[r]);
         }
         s->rt[node->outputs[0]].shape = out;
-        const vkg_shape *fin[64];
-        for (uint32_t i = 0; i < op->max_inputs; i++) fin[i] = in[i];
-        if (op->flops) s->flops += op->flops(node, fin, &out);
+        if (op->flops) s->flops += op->flops(node, in, &out);
     }
     return VKG_SUCCESS;
 }

@@ -65,11 +65,11 @@ vkg_status vkg_matmul(vkg_cmd *cmd, const vkg_matmul_args *a)
     vkg_mm_variant v = a->variant ? a->variant : vkg_matmul_default_variant(ctx);
     vkg_pipeline_desc pd = {.nbindings = 6, .push_size = sizeof pc, .nspec = 6};
     uint32_t gx, gy;
-    /* Absent optional operands bind x, which the shader then never reads. */
+    /* Absent optional operands (bias, scale, residual) bind x, which the shader then never reads. */
     vkg_binding b[6] = {
         {a->x.buf, a->x.offset, xb, 0, false},
         {a->w.buf, a->w.offset, wb, 0, false},
-        {a->bias.buf ? a->bias.buf : a->y.buf, a->bias.buf ? a->bias.offset : a->y.offset, 4, 0, false},
+        {a->bias.buf ? a->bias.buf : a->x.buf, a->bias.buf ? a->bias.offset : a->x.offset, 0, 0, false},
         {a->y.buf, a->y.offset, yb, 0, true},
         {a->scale.buf ? a->scale.buf : a->x.buf, a->scale.buf ? a->scale.offset : a->x.offset, 0, 0, false},
         {a->residual.buf ? a->residual.buf : a->x.buf, a->residual.buf ? a->residual.offset : a->x.offset, 0, 0, false}};
