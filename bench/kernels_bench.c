@@ -8,34 +8,18 @@
 #include <string.h>
 #include <time.h>
 
+#include "moe_bench.h"
+#include "bench_util.h"
 #include "runtime/kernels/attention.h"
 #include "runtime/kernels/kernels.h"
 
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-static int cmp_double(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
-
-static double median(double *v, int n)
-{
-    qsort(v, (size_t)n, sizeof *v, cmp_double);
-    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
 
 /* Wall time of one submit + wait of cmd. */
 static vkg_status time_submit(vkg_cmd *cmd, double *sec)
 {
-    double t0 = now_s();
+    double t0 = vkg_bench_now_s();
     VKG_TRY(vkg_cmd_submit_wait(cmd));
-    *sec = now_s() - t0;
+    *sec = vkg_bench_now_s() - t0;
     return VKG_SUCCESS;
 }
 
@@ -46,6 +30,8 @@ typedef struct result {
     const char *unit;
     double pct_peak;
     uint32_t tokens, heads, head_dim; /* attention */
+    uint32_t lora_r;                  /* lora_linear: tokens, n, k, r (heads = 0) */
+    double ms, rel_err;               /* lora_linear: time per op; max error vs a float64 reference */
 } result;
 
 typedef struct mm_case {
@@ -138,7 +124,7 @@ static vkg_status bench_fma(vkg_context *ctx, int reps, double *gflops)
     if (st == VKG_SUCCESS) st = vkg_cmd_dispatch(cmd, p, &b, &pc, groups, 1, 1, "fma");
     if (st == VKG_SUCCESS) st = vkg_cmd_submit_wait(cmd);
     for (int r = 0; r < reps && st == VKG_SUCCESS; r++) st = time_submit(cmd, &t[r]);
-    if (st == VKG_SUCCESS) *gflops = (double)wg * groups * iters * 8 * 4 * 2 / median(t, reps) * 1e-9;
+    if (st == VKG_SUCCESS) *gflops = (double)wg * groups * iters * 8 * 4 * 2 / vkg_bench_median(t, reps) * 1e-9;
     free(t);
     vkg_cmd_destroy(cmd);
     vkg_buf_destroy(y);
@@ -172,7 +158,7 @@ static vkg_status bench_read(vkg_context *ctx, bool texel, int reps, double *gbp
     if (st == VKG_SUCCESS) st = vkg_cmd_dispatch(cmd, p, b, &pc, groups, 1, 1, "read");
     if (st == VKG_SUCCESS) st = vkg_cmd_submit_wait(cmd);
     for (int r = 0; r < reps && st == VKG_SUCCESS; r++) st = time_submit(cmd, &t[r]);
-    if (st == VKG_SUCCESS) *gbps = (double)vec4s * 16 / median(t, reps) * 1e-9;
+    if (st == VKG_SUCCESS) *gbps = (double)vec4s * 16 / vkg_bench_median(t, reps) * 1e-9;
     free(t);
     vkg_cmd_destroy(cmd);
     vkg_buf_destroy(src);
@@ -203,7 +189,7 @@ static vkg_status bench_overheads(vkg_context *ctx, int reps, double *dispatch_u
         if (st == VKG_SUCCESS) st = time_submit(lots, &tn[r]);
     }
     if (st == VKG_SUCCESS) {
-        double s1 = median(t1, reps), sn = median(tn, reps);
+        double s1 = vkg_bench_median(t1, reps), sn = vkg_bench_median(tn, reps);
         *submit_us = s1 * 1e6;
         *dispatch_us = (sn - s1) / (many - 1) * 1e6;
     }
@@ -223,12 +209,15 @@ static void print_and_store(FILE *json, bool *first, const result *r)
     fprintf(json, "%s\n  {\"name\": \"%s\"", *first ? "" : ",", r->name);
     *first = false;
     if (r->m) fprintf(json, ", \"m\": %u, \"k\": %u, \"n\": %u", r->m, r->k, r->n);
-    if (r->tokens)
+    if (r->tokens && r->lora_r)
+        fprintf(json, ", \"tokens\": %u, \"n\": %u, \"k\": %u, \"r\": %u", r->tokens, r->n, r->k, r->lora_r);
+    else if (r->tokens)
         fprintf(json, ", \"tokens\": %u, \"heads\": %u, \"head_dim\": %u", r->tokens, r->heads, r->head_dim);
     if (r->dtype[0]) fprintf(json, ", \"dtype\": \"%s\"", r->dtype);
     if (r->variant[0]) fprintf(json, ", \"variant\": \"%s\"", r->variant);
     fprintf(json, ", \"%s\": %.3f", r->unit, r->value);
     if (r->pct_peak > 0) fprintf(json, ", \"pct_fma_peak\": %.2f", r->pct_peak);
+    if (r->ms > 0) fprintf(json, ", \"ms\": %.3f, \"max_rel_err\": %.3g", r->ms, r->rel_err);
     fprintf(json, "}");
 }
 
@@ -272,6 +261,148 @@ static void att_free(att_case *c)
     free(c->samples);
 }
 
+/* The LoRA linear y = x W^T + b + s (x A^T) B^T at one shape and rank, three ways: `fused` (one
+ * vkg_matmul with LoRA: the LoRA kernel, then the matmul with its rank segment), `unfused` (what a
+ * runtime without the fusion records: the base matmul, t = x A^T with s as a per-column scale, then
+ * y = y0 + t B^T through the residual epilogue) and `base` (no LoRA, for context). MM_INNER ops per
+ * submit as for matmul; every case's output is checked against a float64 reference. */
+typedef enum { LORA_BASE = 0, LORA_FUSED = 1, LORA_UNFUSED = 2 } lora_variant;
+static const char *const lora_variant_names[3] = {"base", "fused", "unfused"};
+
+typedef struct lora_shape { /* shared by the cases of one (tokens, k, n, r) */
+    uint32_t tokens, k, n, r;
+    vkg_buf *x, *w, *b, *a, *bl, *s;
+    float *hx, *hw, *hb, *ha, *hbl;
+} lora_shape;
+
+typedef struct lora_case {
+    lora_shape *sh;
+    lora_variant v;
+    vkg_mm_variant variant;
+    vkg_buf *y, *y0, *t;
+    vkg_cmd *cmd;
+    double *samples, rel_err;
+} lora_case;
+
+static const float LORA_SCALE = 1.0f; /* PEFT's default alpha = r */
+
+static vkg_status upload_random(vkg_context *ctx, size_t n, uint32_t seed, float mul, vkg_buf **b, float **h)
+{
+    *h = malloc((n + 1) * 4);
+    if (!*h) return vkg_fail(VKG_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+    fill_random(*h, n, seed);
+    for (size_t i = 0; i < n; i++) (*h)[i] *= mul;
+    VKG_TRY(vkg_buf_create(ctx, n * 4, b));
+    return vkg_buf_upload(*b, 0, *h, n * 4);
+}
+
+static vkg_status lora_shape_setup(vkg_context *ctx, lora_shape *sh)
+{
+    float sv[512];
+    for (uint32_t i = 0; i < sh->r; i++) sv[i] = LORA_SCALE;
+    /* Weights scaled like a trained layer (~1/sqrt(fan-in)), so the LoRA term is of the same order as
+     * the base product and an error in it shows in the comparison. */
+    VKG_TRY(upload_random(ctx, (size_t)sh->tokens * sh->k, 11, 2.0f, &sh->x, &sh->hx));
+    VKG_TRY(upload_random(ctx, (size_t)sh->n * sh->k, 12, 2.0f / sqrtf((float)sh->k), &sh->w, &sh->hw));
+    VKG_TRY(upload_random(ctx, sh->n, 13, 0.2f, &sh->b, &sh->hb));
+    VKG_TRY(upload_random(ctx, (size_t)sh->r * sh->k, 14, 2.0f / sqrtf((float)sh->k), &sh->a, &sh->ha));
+    VKG_TRY(upload_random(ctx, (size_t)sh->n * sh->r, 15, 2.0f / sqrtf((float)sh->r), &sh->bl, &sh->hbl));
+    VKG_TRY(vkg_buf_create(ctx, (VkDeviceSize)sh->r * 4, &sh->s));
+    return vkg_buf_upload(sh->s, 0, sv, (VkDeviceSize)sh->r * 4);
+}
+
+static void lora_shape_free(lora_shape *sh)
+{
+    vkg_buf *b[] = {sh->x, sh->w, sh->b, sh->a, sh->bl, sh->s};
+    for (size_t i = 0; i < VKG_ARRAY_LEN(b); i++) vkg_buf_destroy(b[i]);
+    free(sh->hx);
+    free(sh->hw);
+    free(sh->hb);
+    free(sh->ha);
+    free(sh->hbl);
+}
+
+/* Max |y - ref| / max |ref| over 16 rows spread across the tokens (float64 reference). */
+static vkg_status lora_check(lora_case *c)
+{
+    const lora_shape *sh = c->sh;
+    float *y = malloc((size_t)sh->tokens * sh->n * 4);
+    if (!y) return vkg_fail(VKG_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+    vkg_status st = vkg_buf_download(c->y, 0, y, (VkDeviceSize)sh->tokens * sh->n * 4);
+    double err = 0, big = 0, t[512];
+    for (uint32_t q = 0; q < 16 && st == VKG_SUCCESS; q++) {
+        uint32_t i = (uint32_t)((uint64_t)q * (sh->tokens - 1) / 15);
+        const float *xr = sh->hx + (size_t)i * sh->k;
+        for (uint32_t j = 0; j < sh->r; j++) {
+            t[j] = 0;
+            for (uint32_t k = 0; k < sh->k; k++) t[j] += (double)xr[k] * sh->ha[(size_t)j * sh->k + k];
+        }
+        for (uint32_t n = 0; n < sh->n; n++) {
+            double v = sh->hb[n];
+            for (uint32_t k = 0; k < sh->k; k++) v += (double)xr[k] * sh->hw[(size_t)n * sh->k + k];
+            if (c->v != LORA_BASE)
+                for (uint32_t j = 0; j < sh->r; j++) v += LORA_SCALE * t[j] * sh->hbl[(size_t)n * sh->r + j];
+            err = fmax(err, fabs(v - y[(size_t)i * sh->n + n]));
+            big = fmax(big, fabs(v));
+        }
+    }
+    free(y);
+    c->rel_err = err / (big > 0 ? big : 1);
+    if (st == VKG_SUCCESS && !(c->rel_err < 1e-4))
+        st = vkg_fail(VKG_ERROR_DEVICE_LOST, "lora_linear %s T=%u K=%u N=%u r=%u: max error %.3g of max |y|, over 1e-4",
+                      lora_variant_names[c->v], sh->tokens, sh->k, sh->n, sh->r, c->rel_err);
+    return st;
+}
+
+static vkg_status lora_setup(vkg_context *ctx, lora_case *c, int reps)
+{
+    const lora_shape *sh = c->sh;
+    VkDeviceSize yb = (VkDeviceSize)sh->tokens * sh->n * 4, tb = (VkDeviceSize)sh->tokens * sh->r * 4;
+    VKG_TRY(vkg_buf_create(ctx, yb, &c->y));
+    if (c->v != LORA_BASE) VKG_TRY(vkg_buf_create(ctx, tb, &c->t));
+    if (c->v == LORA_UNFUSED) VKG_TRY(vkg_buf_create(ctx, yb, &c->y0));
+    VKG_TRY(vkg_cmd_begin(ctx, false, &c->cmd));
+    vkg_matmul_args base = {.x = {sh->x, 0}, .w = {sh->w, 0}, .bias = {sh->b, 0}, .y = {c->y, 0}, .m = sh->tokens,
+                            .n = sh->n, .k = sh->k, .w_shared = true, .variant = c->variant};
+    vkg_matmul_args fused = base;
+    fused.lora_a = (vkg_tref){sh->a, 0};
+    fused.lora_b = (vkg_tref){sh->bl, 0};
+    fused.lora_t = (vkg_tref){c->t, 0};
+    fused.lora_r = sh->r;
+    fused.lora_n_adapters = 1;
+    fused.lora_ranks[0] = sh->r;
+    fused.lora_scales[0] = LORA_SCALE;
+    vkg_matmul_args u0 = base;
+    u0.y = (vkg_tref){c->y0, 0};
+    vkg_matmul_args u1 = {.x = {sh->x, 0}, .w = {sh->a, 0}, .y = {c->t, 0}, .scale = {sh->s, 0}, .m = sh->tokens,
+                           .n = sh->r, .k = sh->k, .w_shared = true, .variant = c->variant};
+    vkg_matmul_args u2 = {.x = {c->t, 0}, .w = {sh->bl, 0}, .y = {c->y, 0}, .residual = {c->y0, 0},
+                           .m = sh->tokens, .n = sh->n, .k = sh->r, .w_shared = true, .variant = c->variant};
+    for (int i = 0; i < MM_INNER; i++) {
+        if (c->v == LORA_BASE) VKG_TRY(vkg_matmul(c->cmd, &base));
+        else if (c->v == LORA_FUSED) VKG_TRY(vkg_matmul(c->cmd, &fused));
+        else {
+            VKG_TRY(vkg_matmul(c->cmd, &u0));
+            VKG_TRY(vkg_matmul(c->cmd, &u1));
+            VKG_TRY(vkg_matmul(c->cmd, &u2));
+        }
+    }
+    VKG_TRY(vkg_cmd_end(c->cmd));
+    c->samples = calloc((size_t)reps, sizeof(double));
+    if (!c->samples) return vkg_fail(VKG_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+    VKG_TRY(vkg_cmd_submit_wait(c->cmd)); /* warm-up, and the output to check */
+    return lora_check(c);
+}
+
+static void lora_free(lora_case *c)
+{
+    vkg_cmd_destroy(c->cmd);
+    vkg_buf_destroy(c->y);
+    vkg_buf_destroy(c->y0);
+    vkg_buf_destroy(c->t);
+    free(c->samples);
+}
+
 vkg_status vkg_bench_kernels(vkg_context *ctx, const vkg_bench_opts *o, FILE *out)
 {
     int reps = o->reps > 0 ? o->reps : (o->quick ? 5 : 11);
@@ -293,6 +424,7 @@ vkg_status vkg_bench_kernels(vkg_context *ctx, const vkg_bench_opts *o, FILE *ou
 
     vkg_status st = VKG_SUCCESS;
     double peak = 0, rs = 0, rt = 0, dus = 0, sus = 0;
+    if (o->moe_only) goto moe;
     if (!o->matmul_only) {
         st = bench_fma(ctx, reps, &peak);
         if (st == VKG_SUCCESS) st = bench_read(ctx, false, reps, &rs);
@@ -347,9 +479,25 @@ vkg_status vkg_bench_kernels(vkg_context *ctx, const vkg_bench_opts *o, FILE *ou
         att_case *as = calloc((size_t)nacase, sizeof *as);
         for (int v = 0, ai = 0; as && v < navar; v++)
             for (int t = 0; t < natok; t++) as[ai++] = (att_case){att_tokens[t], 6, 64, avars[v]};
-        if (!cs || !as) {
+        /* LoRA linear at the ViT-S fc1 and fc2 shapes, ranks 8 and 64, on the matmul's variant (the
+         * device default unless one was named): fused, unfused and base interleaved like the rest. */
+        static const uint32_t lora_tokens[2] = {257, 1370}, lora_kn[2][2] = {{384, 1536}, {1536, 384}};
+        static const uint32_t lora_ranks[2] = {8, 64};
+        int nltok = o->quick ? 1 : 2, nlr = o->quick ? 1 : 2, nlsh = nltok * 2 * nlr, nlcase = nlsh * 3;
+        vkg_mm_variant lvar = o->variant ? o->variant : vkg_matmul_default_variant(ctx);
+        lora_shape *lsh = calloc((size_t)nlsh, sizeof *lsh);
+        lora_case *ls = calloc((size_t)nlcase, sizeof *ls);
+        for (int t = 0, si = 0; lsh && ls && t < nltok; t++)
+            for (int kn = 0; kn < 2; kn++)
+                for (int ri = 0; ri < nlr; ri++, si++) {
+                    lsh[si] = (lora_shape){lora_tokens[t], lora_kn[kn][0], lora_kn[kn][1], lora_ranks[ri]};
+                    for (int v = 0; v < 3; v++) ls[si * 3 + v] = (lora_case){&lsh[si], (lora_variant)v, lvar};
+                }
+        if (!cs || !as || !lsh || !ls) {
             free(as);
             free(cs);
+            free(lsh);
+            free(ls);
             st = vkg_fail(VKG_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
             goto done;
         }
@@ -361,17 +509,20 @@ vkg_status vkg_bench_kernels(vkg_context *ctx, const vkg_bench_opts *o, FILE *ou
                                          d ? VKG_DTYPE_F16 : VKG_DTYPE_F32, variants[v]};
         for (int i = 0; i < ncase && st == VKG_SUCCESS; i++) st = mm_setup(ctx, &cs[i], reps);
         for (int i = 0; i < nacase && st == VKG_SUCCESS; i++) st = att_setup(ctx, &as[i], reps);
+        for (int i = 0; i < nlsh && st == VKG_SUCCESS; i++) st = lora_shape_setup(ctx, &lsh[i]);
+        for (int i = 0; i < nlcase && st == VKG_SUCCESS; i++) st = lora_setup(ctx, &ls[i], reps);
         /* Interleaved: repetition r of every case before repetition r+1 of any. */
         for (int r = 0; r < reps && st == VKG_SUCCESS; r++) {
             for (int i = 0; i < ncase && st == VKG_SUCCESS; i++) st = time_submit(cs[i].cmd, &cs[i].samples[r]);
             for (int i = 0; i < nacase && st == VKG_SUCCESS; i++) st = time_submit(as[i].cmd, &as[i].samples[r]);
+            for (int i = 0; i < nlcase && st == VKG_SUCCESS; i++) st = time_submit(ls[i].cmd, &ls[i].samples[r]);
         }
         if (st == VKG_SUCCESS) {
             fprintf(out, "%-7s %6s %6s %6s  %-5s %-5s %9s %8s %8s\n", "op", "M", "K", "N", "W", "var", "GFLOP/s",
                     "ms", peak > 0 ? "% peak" : "");
             for (int i = 0; i < ncase; i++) {
                 mm_case *c = &cs[i];
-                double t = median(c->samples, reps) / MM_INNER;
+                double t = vkg_bench_median(c->samples, reps) / MM_INNER;
                 double gf = 2.0 * c->m * c->n * c->k / t * 1e-9;
                 result r = {.name = "matmul", .m = c->m, .k = c->k, .n = c->n, .unit = "gflops", .value = gf,
                             .pct_peak = peak > 0 ? 100.0 * gf / peak : 0};
@@ -387,7 +538,7 @@ vkg_status vkg_bench_kernels(vkg_context *ctx, const vkg_bench_opts *o, FILE *ou
         if (st == VKG_SUCCESS)
             for (int i = 0; i < nacase; i++) {
                 att_case *c = &as[i];
-                double t = median(c->samples, reps);
+                double t = vkg_bench_median(c->samples, reps);
                 double gf = 4.0 * c->heads * c->tokens * c->tokens * c->head_dim / t * 1e-9;
                 result r = {.name = "attention", .unit = "gflops", .value = gf, .tokens = c->tokens, .heads = c->heads,
                             .head_dim = c->head_dim, .pct_peak = peak > 0 ? 100.0 * gf / peak : 0};
@@ -398,10 +549,40 @@ vkg_status vkg_bench_kernels(vkg_context *ctx, const vkg_bench_opts *o, FILE *ou
                 fprintf(out, "\n");
                 print_and_store(json, &first, &r);
             }
+        if (st == VKG_SUCCESS && nlcase) {
+            fprintf(out, "\n%-11s %5s %5s %5s %3s  %-7s %9s %8s %9s %10s\n", "op", "T", "K", "N", "r", "var",
+                    "GFLOP/s", "ms", "vs fused", "max err");
+            for (int i = 0; i < nlcase; i++) {
+                lora_case *c = &ls[i];
+                const lora_shape *sh = c->sh;
+                double t = vkg_bench_median(c->samples, reps) / MM_INNER;
+                double fused = vkg_bench_median(ls[i - (int)c->v + LORA_FUSED].samples, reps) / MM_INNER;
+                /* FLOPs of the LoRA linear (the base row: of its plain matmul) */
+                double lfl = c->v == LORA_BASE ? 0.0 : (double)sh->r * (sh->k + sh->n);
+                double fl = 2.0 * sh->tokens * ((double)sh->n * sh->k + lfl);
+                result r = {.name = "lora_linear", .tokens = sh->tokens, .k = sh->k, .n = sh->n, .lora_r = sh->r,
+                            .unit = "gflops", .value = fl / t * 1e-9, .ms = t * 1e3, .rel_err = c->rel_err,
+                            .pct_peak = peak > 0 ? 100.0 * fl / t * 1e-9 / peak : 0};
+                snprintf(r.dtype, sizeof r.dtype, "f32");
+                snprintf(r.variant, sizeof r.variant, "%s", lora_variant_names[c->v]);
+                fprintf(out, "%-11s %5u %5u %5u %3u  %-7s %9.2f %8.3f %8.2fx %10.2g\n", "lora_linear", sh->tokens,
+                        sh->k, sh->n, sh->r, r.variant, r.value, r.ms, t / fused, c->rel_err);
+                print_and_store(json, &first, &r);
+            }
+        }
         for (int i = 0; i < ncase; i++) mm_free(&cs[i]);
         for (int i = 0; i < nacase; i++) att_free(&as[i]);
+        for (int i = 0; i < nlcase; i++) lora_free(&ls[i]);
+        for (int i = 0; i < nlsh; i++) lora_shape_free(&lsh[i]);
         free(cs);
         free(as);
+        free(ls);
+        free(lsh);
+    }
+moe:
+    if (st == VKG_SUCCESS && !o->matmul_only) {
+        fprintf(out, "\n");
+        st = vkg_bench_moe(ctx, reps, o->quick, out, json, &first);
     }
 done:
     if (json) {

@@ -18,6 +18,8 @@ struct vkg_session {
     uint32_t *root;      /* per tensor: the tensor whose memory it uses (itself unless a view) */
     vkg_buf *arena;      /* intermediates, placed by lifetime */
     vkg_buf **own;       /* per tensor: a dedicated buffer (inputs, outputs) or NULL */
+    vkg_tref *scratch;        /* per node: its scratch memory in the arena */
+    uint64_t *scratch_bytes;  /* per node */
     vkg_cmd *cmd;
     uint64_t planned, unshared;
     double flops;

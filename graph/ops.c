@@ -5,13 +5,11 @@
 
 #include "runtime/kernels/attention.h"
 #include "runtime/kernels/copy.h"
+#include "graph/ops_moe.h"
 
-#define GRAPH_FAIL(g, n, ...) graph_fail(g, n, __VA_ARGS__)
+#define GRAPH_FAIL(g, n, ...) vkg_node_fail(g, n, __VA_ARGS__)
 
-static vkg_status graph_fail(const vkg_graph *g, const vkg_ir_node *n, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-
-static vkg_status graph_fail(const vkg_graph *g, const vkg_ir_node *n, const char *fmt, ...)
+vkg_status vkg_node_fail(const vkg_graph *g, const vkg_ir_node *n, const char *fmt, ...)
 {
     char msg[1024];
     va_list ap;
@@ -42,7 +40,54 @@ static int64_t last_dim(const vkg_ir_tensor *t)
 
 /* ---- linear ---- */
 
-static const vkg_attr_spec linear_attrs[] = {{"activation", VKG_ATTR_INT, false}, {NULL, 0, false}};
+static const vkg_attr_spec linear_attrs[] = {{"activation", VKG_ATTR_INT, false},
+                                             {"lora_scale", VKG_ATTR_FLOATS, false},
+                                             {"lora_ranks", VKG_ATTR_INTS, false},
+                                             {NULL, 0, false}};
+
+/* LoRA inputs 5 (lora_a, (R, K)) and 6 (lora_b, (N, R)) with their attributes. */
+static vkg_status linear_lora_validate(const vkg_graph *g, const vkg_ir_node *n, const vkg_ir_tensor *w)
+{
+    const vkg_ir_tensor *la = in_t(g, n, 5), *lb = in_t(g, n, 6);
+    const vkg_ir_attr *sc = vkg_ir_attr_find(n, "lora_scale"), *rk = vkg_ir_attr_find(n, "lora_ranks");
+    if (!la && !lb) {
+        if (sc || rk) return GRAPH_FAIL(g, n, "lora_scale or lora_ranks without lora_a and lora_b inputs");
+        return VKG_SUCCESS;
+    }
+    if (!la || !lb) return GRAPH_FAIL(g, n, "give both lora_a (input 5) and lora_b (input 6), or neither");
+    for (int i = 0; i < 2; i++) {
+        const vkg_ir_tensor *t = i ? lb : la;
+        if (t->role != VKG_ROLE_CONSTANT || t->rank != 2)
+            return GRAPH_FAIL(g, n, "%s \"%s\" must be a 2-d f32 or f16 constant", i ? "lora_b" : "lora_a", t->name);
+    }
+    int64_t R = la->dims[0];
+    if (la->dims[1] != w->dims[1] || lb->dims[0] != w->dims[0] || lb->dims[1] != R)
+        return GRAPH_FAIL(g, n, "lora_a \"%s\" is (%lld, %lld) and lora_b \"%s\" (%lld, %lld); with weight (%lld, %lld) "
+                          "expected (R, %lld) and (%lld, R)", la->name, (long long)la->dims[0], (long long)la->dims[1],
+                          lb->name, (long long)lb->dims[0], (long long)lb->dims[1], (long long)w->dims[0],
+                          (long long)w->dims[1], (long long)w->dims[1], (long long)w->dims[0]);
+    if (R < 1 || R > VKG_LORA_MAX_R) return GRAPH_FAIL(g, n, "LoRA rank total %lld outside 1..%d", (long long)R, VKG_LORA_MAX_R);
+    if (!sc) return GRAPH_FAIL(g, n, "LoRA inputs need the lora_scale attribute (one scale per adapter)");
+    uint32_t na = sc->count;
+    if (na < 1 || na > VKG_LORA_MAX_ADAPTERS)
+        return GRAPH_FAIL(g, n, "%u LoRA adapters; 1 to %d are supported", na, VKG_LORA_MAX_ADAPTERS);
+    if (!rk && na != 1) return GRAPH_FAIL(g, n, "%u lora_scale values need lora_ranks with as many entries", na);
+    if (rk && rk->count != na)
+        return GRAPH_FAIL(g, n, "lora_ranks has %u entries and lora_scale %u", rk->count, na);
+    int64_t sum = 0;
+    for (uint32_t i = 0; rk && i < na; i++) {
+        if (rk->ints[i] < 1 || rk->ints[i] > VKG_LORA_MAX_RANK)
+            return GRAPH_FAIL(g, n, "lora_ranks[%u] = %lld outside 1..%d", i, (long long)rk->ints[i], VKG_LORA_MAX_RANK);
+        sum += rk->ints[i];
+    }
+    if (!rk && R > VKG_LORA_MAX_RANK)
+        return GRAPH_FAIL(g, n, "one adapter of rank %lld; at most %d (split it with lora_ranks)", (long long)R, VKG_LORA_MAX_RANK);
+    if (rk && sum != R) return GRAPH_FAIL(g, n, "lora_ranks sum to %lld; lora_a has %lld rows", (long long)sum, (long long)R);
+    for (uint32_t i = 0; i < na; i++)
+        if (!(sc->floats[i] == sc->floats[i]) || sc->floats[i] > 1e30 || sc->floats[i] < -1e30)
+            return GRAPH_FAIL(g, n, "lora_scale[%u] = %g must be finite", i, sc->floats[i]);
+    return VKG_SUCCESS;
+}
 
 static vkg_status linear_validate(const vkg_graph *g, const vkg_ir_node *n)
 {
@@ -64,7 +109,7 @@ static vkg_status linear_validate(const vkg_graph *g, const vkg_ir_node *n)
         return GRAPH_FAIL(g, n, "scale \"%s\" must be an f32 constant of shape (%lld)", sc->name, (long long)w->dims[0]);
     if (res && res->rank != x->rank)
         return GRAPH_FAIL(g, n, "residual \"%s\" has rank %u; the output has rank %u", res->name, res->rank, x->rank);
-    return VKG_SUCCESS;
+    return linear_lora_validate(g, n, w);
 }
 
 static vkg_status linear_infer(const vkg_graph *g, const vkg_ir_node *n, const vkg_shape *const *in, vkg_shape *out)
@@ -84,23 +129,57 @@ static vkg_status linear_infer(const vkg_graph *g, const vkg_ir_node *n, const v
     return VKG_SUCCESS;
 }
 
-static vkg_status linear_record(vkg_cmd *cmd, const vkg_ir_node *n, const vkg_rt_tensor *const *in, const vkg_rt_tensor *out)
+static void linear_args(const vkg_ir_node *n, const vkg_rt_tensor *const *in, const vkg_rt_tensor *out,
+                        vkg_matmul_args *m)
 {
     const vkg_ir_attr *a = vkg_ir_attr_find(n, "activation");
     uint64_t rows = vkg_shape_numel(&in[0]->shape) / (uint64_t)in[1]->shape.dims[1];
-    if (rows > UINT32_MAX) return vkg_fail(VKG_ERROR_UNSUPPORTED, "node \"%s\": %llu rows", n->name, (unsigned long long)rows);
-    vkg_matmul_args m = {.x = in[0]->ref, .w = in[1]->ref, .bias = in[2] ? in[2]->ref : (vkg_tref){0},
-                         .scale = in[3] ? in[3]->ref : (vkg_tref){0}, .residual = in[4] ? in[4]->ref : (vkg_tref){0},
-                         .y = out->ref, .batch = 1, .m = (uint32_t)rows, .n = (uint32_t)in[1]->shape.dims[0],
-                         .k = (uint32_t)in[1]->shape.dims[1], .w_shared = true, .w_dtype = in[1]->dtype,
-                         .act = a ? (vkg_act)a->i : VKG_ACT_NONE};
-    return vkg_matmul(cmd, &m);
+    *m = (vkg_matmul_args){.x = in[0]->ref, .w = in[1]->ref, .bias = in[2] ? in[2]->ref : (vkg_tref){0},
+                           .scale = in[3] ? in[3]->ref : (vkg_tref){0}, .residual = in[4] ? in[4]->ref : (vkg_tref){0},
+                           .y = out ? out->ref : (vkg_tref){0}, .batch = 1, .m = (uint32_t)rows,
+                           .n = (uint32_t)in[1]->shape.dims[0], .k = (uint32_t)in[1]->shape.dims[1], .w_shared = true,
+                           .w_dtype = in[1]->dtype, .act = a ? (vkg_act)a->i : VKG_ACT_NONE};
+    if (!in[5]) return;
+    const vkg_ir_attr *sc = vkg_ir_attr_find(n, "lora_scale"), *rk = vkg_ir_attr_find(n, "lora_ranks");
+    m->lora_a = in[5]->ref;
+    m->lora_b = in[6]->ref;
+    m->lora_dtype = in[5]->dtype;
+    m->lora_r = (uint32_t)in[5]->shape.dims[0];
+    m->lora_n_adapters = sc->count;
+    for (uint32_t i = 0; i < sc->count && i < VKG_LORA_MAX_ADAPTERS; i++) {
+        m->lora_scales[i] = (float)sc->floats[i];
+        m->lora_ranks[i] = rk ? (uint32_t)rk->ints[i] : m->lora_r;
+    }
+}
+
+static vkg_status linear_record(const vkg_op_call *c)
+{
+    uint64_t rows = vkg_shape_numel(&c->in[0]->shape) / (uint64_t)c->in[1]->shape.dims[1];
+    if (rows > UINT32_MAX)
+        return vkg_fail(VKG_ERROR_UNSUPPORTED, "node \"%s\": %llu rows", c->node->name, (unsigned long long)rows);
+    vkg_matmul_args m;
+    linear_args(c->node, c->in, c->out[0], &m);
+    if (m.lora_a.buf) m.lora_t = c->scratch;
+    if (vkg_matmul_lora_scratch_bytes(&m) > c->scratch_bytes)
+        return vkg_fail(VKG_ERROR_INVALID_ARGUMENT, "node \"%s\": LoRA scratch too small", c->node->name);
+    return vkg_matmul(c->cmd, &m);
+}
+
+static uint64_t linear_scratch(const vkg_ir_node *n, const vkg_shape *const *in, const vkg_shape *out)
+{
+    (void)n;
+    if (!in[5]) return 0;
+    return vkg_shape_numel(out) / (uint64_t)out->dims[out->rank - 1] * (uint64_t)in[5]->dims[0] * 4;
 }
 
 static double linear_flops(const vkg_ir_node *n, const vkg_shape *const *in, const vkg_shape *out)
 {
     (void)n;
-    return 2.0 * (double)vkg_shape_numel(out) * (double)in[1]->dims[1];
+    double f = 2.0 * (double)vkg_shape_numel(out) * (double)in[1]->dims[1];
+    if (in[5]) /* x A^T and t B^T */
+        f += 2.0 * (double)vkg_shape_numel(out) / (double)out->dims[out->rank - 1] * (double)in[5]->dims[0] *
+             (double)(in[1]->dims[1] + in[1]->dims[0]);
+    return f;
 }
 
 /* ---- layernorm ---- */
@@ -582,19 +661,34 @@ static double attention_flops(const vkg_ir_node *n, const vkg_shape *const *in, 
 /* ---- the table ---- */
 
 static const vkg_op_def ops[] = {
-    {"linear", 2, 5, 1, linear_attrs, linear_validate, linear_infer, linear_record, linear_flops},
-    {"layernorm", 1, 3, 1, layernorm_attrs, layernorm_validate, layernorm_infer, layernorm_record, NULL},
-    {"gelu", 1, 1, 1, gelu_attrs, gelu_validate, same_infer, gelu_record, NULL},
-    {"relu", 1, 1, 1, no_attrs, NULL, same_infer, relu_record, NULL},
-    {"add", 2, 2, 1, no_attrs, binary_validate, binary_infer, binary_record, NULL},
-    {"mul", 2, 2, 1, no_attrs, binary_validate, binary_infer, binary_record, NULL},
-    {"swiglu", 1, 1, 1, no_attrs, swiglu_validate, swiglu_infer, swiglu_record, NULL},
-    {"softmax", 1, 1, 1, softmax_attrs, softmax_validate, same_infer, softmax_record, NULL},
-    {"reshape", 1, 1, 1, reshape_attrs, reshape_validate, reshape_infer, NULL, NULL},
-    {"patchify", 1, 1, 1, patchify_attrs, patchify_validate, patchify_infer, patchify_record, NULL},
-    {"insert_tokens", 2, 2, 1, insert_attrs, insert_validate, insert_infer, insert_record, NULL},
-    {"slice", 1, 1, 1, slice_attrs, slice_validate, slice_infer, slice_record, NULL},
-    {"attention", 1, 5, 1, attention_attrs, attention_validate, attention_infer, attention_record, attention_flops},
+    {.name = "linear", .min_inputs = 2, .max_inputs = 7, .min_outputs = 1, .max_outputs = 1, .attrs = linear_attrs,
+     .validate = linear_validate, .infer = linear_infer, .record_call = linear_record, .scratch = linear_scratch,
+     .flops = linear_flops, .f16_inputs = (1u << 1) | (1u << 5) | (1u << 6)},
+    {.name = "layernorm", .min_inputs = 1, .max_inputs = 3, .min_outputs = 1, .max_outputs = 1, .attrs = layernorm_attrs,
+     .validate = layernorm_validate, .infer = layernorm_infer, .record = layernorm_record, .flops = NULL},
+    {.name = "gelu", .min_inputs = 1, .max_inputs = 1, .min_outputs = 1, .max_outputs = 1, .attrs = gelu_attrs,
+     .validate = gelu_validate, .infer = same_infer, .record = gelu_record, .flops = NULL},
+    {.name = "relu", .min_inputs = 1, .max_inputs = 1, .min_outputs = 1, .max_outputs = 1, .attrs = no_attrs,
+     .validate = NULL, .infer = same_infer, .record = relu_record, .flops = NULL},
+    {.name = "add", .min_inputs = 2, .max_inputs = 2, .min_outputs = 1, .max_outputs = 1, .attrs = no_attrs,
+     .validate = binary_validate, .infer = binary_infer, .record = binary_record, .flops = NULL},
+    {.name = "mul", .min_inputs = 2, .max_inputs = 2, .min_outputs = 1, .max_outputs = 1, .attrs = no_attrs,
+     .validate = binary_validate, .infer = binary_infer, .record = binary_record, .flops = NULL},
+    {.name = "swiglu", .min_inputs = 1, .max_inputs = 1, .min_outputs = 1, .max_outputs = 1, .attrs = no_attrs,
+     .validate = swiglu_validate, .infer = swiglu_infer, .record = swiglu_record, .flops = NULL},
+    {.name = "softmax", .min_inputs = 1, .max_inputs = 1, .min_outputs = 1, .max_outputs = 1, .attrs = softmax_attrs,
+     .validate = softmax_validate, .infer = same_infer, .record = softmax_record, .flops = NULL},
+    {.name = "reshape", .min_inputs = 1, .max_inputs = 1, .min_outputs = 1, .max_outputs = 1, .attrs = reshape_attrs,
+     .validate = reshape_validate, .infer = reshape_infer, .record = NULL, .flops = NULL},
+    {.name = "patchify", .min_inputs = 1, .max_inputs = 1, .min_outputs = 1, .max_outputs = 1, .attrs = patchify_attrs,
+     .validate = patchify_validate, .infer = patchify_infer, .record = patchify_record, .flops = NULL},
+    {.name = "insert_tokens", .min_inputs = 2, .max_inputs = 2, .min_outputs = 1, .max_outputs = 1, .attrs = insert_attrs,
+     .validate = insert_validate, .infer = insert_infer, .record = insert_record, .flops = NULL},
+    {.name = "slice", .min_inputs = 1, .max_inputs = 1, .min_outputs = 1, .max_outputs = 1, .attrs = slice_attrs,
+     .validate = slice_validate, .infer = slice_infer, .record = slice_record, .flops = NULL},
+    {.name = "attention", .min_inputs = 1, .max_inputs = 5, .min_outputs = 1, .max_outputs = 1, .attrs = attention_attrs,
+     .validate = attention_validate, .infer = attention_infer, .record = attention_record, .flops = attention_flops},
+    VKG_MOE_OPS
 };
 
 const vkg_op_def *vkg_op_find(const char *name)
@@ -627,7 +721,12 @@ vkg_status vkg_op_validate(const vkg_graph *g, const vkg_ir_node *n)
             return GRAPH_FAIL(g, n, "%u inputs, expected %u", n->n_inputs, op->min_inputs);
         return GRAPH_FAIL(g, n, "%u inputs, expected %u to %u", n->n_inputs, op->min_inputs, op->max_inputs);
     }
-    if (n->n_outputs != op->n_outputs) return GRAPH_FAIL(g, n, "%u outputs, expected %u", n->n_outputs, op->n_outputs);
+    if (n->n_outputs < op->min_outputs || n->n_outputs > op->max_outputs) {
+        if (op->min_outputs == op->max_outputs)
+            return GRAPH_FAIL(g, n, "%u outputs, expected %u", n->n_outputs, op->min_outputs);
+        return GRAPH_FAIL(g, n, "%u outputs, expected %u to %u (optional outputs are a prefix of the op's list)",
+                          n->n_outputs, op->min_outputs, op->max_outputs);
+    }
     /* Only optional inputs (past min_inputs) may be absent. */
     for (uint32_t i = 0; i < op->min_inputs; i++)
         if (n->inputs[i] == VKG_IR_NONE) return GRAPH_FAIL(g, n, "input %u is required but absent", i);
@@ -646,18 +745,22 @@ vkg_status vkg_op_validate(const vkg_graph *g, const vkg_ir_node *n)
     for (const vkg_attr_spec *s = op->attrs; s->name; s++)
         if (s->required && !vkg_ir_attr_find(n, s->name))
             return GRAPH_FAIL(g, n, "required attribute \"%s\" (%s) is missing", s->name, attr_type_name(s->type));
-    /* Generic dtype rules: activations are f32; only linear's weight may be f16. */
+    /* Generic dtype rules: activations are f32; weights named in f16_inputs may be f16; routing ids are i32. */
     for (uint32_t i = 0; i < n->n_inputs; i++) {
         const vkg_ir_tensor *t = in_t(g, n, i);
-        bool f16_ok = strcmp(n->op, "linear") == 0 && i == 1;
-        if (t && t->dtype != VKG_DTYPE_F32 && !(f16_ok && t->dtype == VKG_DTYPE_F16))
-            return GRAPH_FAIL(g, n, "input %u \"%s\" has dtype %s, expected f32%s", i, t->name, vkg_dtype_name(t->dtype),
-                              f16_ok ? " or f16" : "");
+        if (!t) continue;
+        bool f16_ok = i < 32 && (op->f16_inputs >> i) & 1u, i32 = i < 32 && (op->i32_inputs >> i) & 1u;
+        vkg_dtype want = i32 ? VKG_DTYPE_I32 : VKG_DTYPE_F32;
+        if (t->dtype != want && !(f16_ok && t->dtype == VKG_DTYPE_F16))
+            return GRAPH_FAIL(g, n, "input %u \"%s\" has dtype %s, expected %s%s", i, t->name, vkg_dtype_name(t->dtype),
+                              vkg_dtype_name(want), f16_ok ? " or f16" : "");
     }
     for (uint32_t i = 0; i < n->n_outputs; i++) {
         const vkg_ir_tensor *t = &g->tensors[n->outputs[i]];
-        if (t->dtype != VKG_DTYPE_F32)
-            return GRAPH_FAIL(g, n, "output \"%s\" has dtype %s, expected f32", t->name, vkg_dtype_name(t->dtype));
+        vkg_dtype want = i < 32 && (op->i32_outputs >> i) & 1u ? VKG_DTYPE_I32 : VKG_DTYPE_F32;
+        if (t->dtype != want)
+            return GRAPH_FAIL(g, n, "output \"%s\" has dtype %s, expected %s", t->name, vkg_dtype_name(t->dtype),
+                              vkg_dtype_name(want));
     }
     return op->validate ? op->validate(g, n) : VKG_SUCCESS;
 }

@@ -27,20 +27,42 @@ typedef struct vkg_attr_spec {
     bool required;
 } vkg_attr_spec;
 
+/* What a multi-output op's recorder gets. */
+typedef struct vkg_op_call {
+    vkg_cmd *cmd;
+    const vkg_ir_node *node;
+    const vkg_rt_tensor *const *in;  /* max_inputs entries; absent optional inputs are NULL */
+    const vkg_rt_tensor *const *out; /* node->n_outputs entries */
+    vkg_tref scratch;                /* the op's scratch bytes, private to this node's dispatches */
+    uint64_t scratch_bytes;
+} vkg_op_call;
+
 typedef struct vkg_op_def {
     const char *name;
-    uint32_t min_inputs, max_inputs, n_outputs;
-    const vkg_attr_spec *attrs; /* terminated by {NULL} */
+    uint32_t min_inputs, max_inputs;
+    uint32_t min_outputs, max_outputs; /* optional outputs: a node lists a prefix of them */
+    const vkg_attr_spec *attrs;        /* terminated by {NULL} */
     /* Extra checks beyond arity and generic dtype rules; NULL for none. */
     vkg_status (*validate)(const vkg_graph *g, const vkg_ir_node *n);
-    /* Output shapes from input shapes (absent optional inputs are NULL). */
+    /* Output shapes (out[0 .. n_outputs-1]) from input shapes (absent optional inputs are NULL). */
     vkg_status (*infer)(const vkg_graph *g, const vkg_ir_node *n, const vkg_shape *const *in, vkg_shape *out);
-    /* Records the node's dispatches; NULL for ops that are views (the output aliases input 0). */
+    /* Records a single-output node's dispatches; NULL for views (the output aliases input 0) and
+     * for ops that set record_call. */
     vkg_status (*record)(vkg_cmd *cmd, const vkg_ir_node *n, const vkg_rt_tensor *const *in, const vkg_rt_tensor *out);
-    /* Multiply-adds x 2 for the FLOP estimate; NULL counts 0. */
+    /* Multiply-adds x 2 for the FLOP estimate (out = the first output); NULL counts 0. */
     double (*flops)(const vkg_ir_node *n, const vkg_shape *const *in, const vkg_shape *out);
+    /* Recorder with every output and scratch memory (MoE, LoRA). */
+    vkg_status (*record_call)(const vkg_op_call *c);
+    /* Scratch bytes the recorder needs at these shapes (out = every output); NULL for none. */
+    uint64_t (*scratch)(const vkg_ir_node *n, const vkg_shape *const *in, const vkg_shape *out);
+    /* Dtype rules: inputs are f32 unless their bit is set here (bit i = input i). */
+    uint32_t f16_inputs; /* f32 or f16 (constant weights) */
+    uint32_t i32_inputs; /* i32 (routing ids) */
+    uint32_t i32_outputs;
 } vkg_op_def;
 
 const vkg_op_def *vkg_op_find(const char *name);
+/* VKG_ERROR_INVALID_GRAPH with "SOURCE: node "NAME" (op OP): message". */
+vkg_status vkg_node_fail(const vkg_graph *g, const vkg_ir_node *n, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 
 #endif

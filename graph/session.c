@@ -59,25 +59,28 @@ static vkg_status infer_shapes(vkg_session *s, const vkg_session_desc *d)
         for (uint32_t i = 0; i < node->n_inputs; i++)
             in[i] = node->inputs[i] == VKG_IR_NONE ? NULL : &s->rt[node->inputs[i]].shape;
         for (uint32_t i = node->n_inputs; i < op->max_inputs; i++) in[i] = NULL;
-        vkg_shape out;
-        vkg_status st = op->infer(g, node, in, &out);
+        vkg_shape out[64];
+        vkg_status st = op->infer(g, node, in, out);
         if (st != VKG_SUCCESS) return vkg_fail(VKG_ERROR_INVALID_ARGUMENT, "%s", vkg_last_error());
-        const vkg_ir_tensor *ot = &g->tensors[node->outputs[0]];
-        if (ot->rank != out.rank)
-            return sess_fail(s, "node \"%s\": output \"%s\" is declared with rank %u, inferred rank %u", node->name,
-                             ot->name, ot->rank, out.rank);
-        for (uint32_t r = 0; r < out.rank; r++) {
-            int64_t want = -1;
-            if (!ot->sym[r]) want = ot->dims[r];
-            else if (ot->sym[r][0])
-                for (uint32_t i = 0; i < d->n_dims; i++)
-                    if (strcmp(d->dims[i].name, ot->sym[r]) == 0) want = d->dims[i].value;
-            if (want >= 0 && want != out.dims[r])
-                return sess_fail(s, "node \"%s\": output \"%s\" dim %u is declared %lld, inferred %lld", node->name,
-                                 ot->name, r, (long long)want, (long long)out.dims[r]);
+        for (uint32_t o = 0; o < node->n_outputs; o++) {
+            const vkg_ir_tensor *ot = &g->tensors[node->outputs[o]];
+            if (ot->rank != out[o].rank)
+                return sess_fail(s, "node \"%s\": output \"%s\" is declared with rank %u, inferred rank %u", node->name,
+                                 ot->name, ot->rank, out[o].rank);
+            for (uint32_t r = 0; r < out[o].rank; r++) {
+                int64_t want = -1;
+                if (!ot->sym[r]) want = ot->dims[r];
+                else if (ot->sym[r][0])
+                    for (uint32_t i = 0; i < d->n_dims; i++)
+                        if (strcmp(d->dims[i].name, ot->sym[r]) == 0) want = d->dims[i].value;
+                if (want >= 0 && want != out[o].dims[r])
+                    return sess_fail(s, "node \"%s\": output \"%s\" dim %u is declared %lld, inferred %lld", node->name,
+                                     ot->name, r, (long long)want, (long long)out[o].dims[r]);
+            }
+            s->rt[node->outputs[o]].shape = out[o];
         }
-        s->rt[node->outputs[0]].shape = out;
-        if (op->flops) s->flops += op->flops(node, in, &out);
+        if (op->scratch) s->scratch_bytes[n] = op->scratch(node, in, out);
+        if (op->flops) s->flops += op->flops(node, in, &out[0]);
     }
     return VKG_SUCCESS;
 }
@@ -104,12 +107,14 @@ static vkg_status plan_memory(vkg_session *s)
     vkg_context *ctx = s->model->ctx;
     uint32_t nt = g->n_tensors;
     for (uint32_t t = 0; t < nt; t++) s->root[t] = t;
-    for (uint32_t n = 0; n < g->n_nodes; n++)
-        if (!vkg_op_find(g->nodes[n].op)->record) s->root[g->nodes[n].outputs[0]] = s->root[g->nodes[n].inputs[0]];
+    for (uint32_t n = 0; n < g->n_nodes; n++) {
+        const vkg_op_def *op = vkg_op_find(g->nodes[n].op);
+        if (!op->record && !op->record_call) s->root[g->nodes[n].outputs[0]] = s->root[g->nodes[n].inputs[0]];
+    }
 
     uint32_t *first = malloc(nt * sizeof *first), *last = malloc(nt * sizeof *last);
     bool *pinned = calloc(nt, sizeof *pinned);
-    live *lv = malloc(nt * sizeof *lv);
+    live *lv = malloc((nt + g->n_nodes) * sizeof *lv);
     vkg_status st = VKG_SUCCESS;
     if (!first || !last || !pinned || !lv) {
         st = vkg_fail(VKG_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
@@ -121,9 +126,11 @@ static vkg_status plan_memory(vkg_session *s)
     }
     for (uint32_t n = 0; n < g->n_nodes; n++) {
         const vkg_ir_node *node = &g->nodes[n];
-        uint32_t o = s->root[node->outputs[0]];
-        if (first[o] == UINT32_MAX) first[o] = n;
-        last[o] = VKG_MAX(last[o], n);
+        for (uint32_t k = 0; k < node->n_outputs; k++) {
+            uint32_t o = s->root[node->outputs[k]];
+            if (first[o] == UINT32_MAX) first[o] = n;
+            last[o] = VKG_MAX(last[o], n);
+        }
         for (uint32_t i = 0; i < node->n_inputs; i++)
             if (node->inputs[i] != VKG_IR_NONE) last[s->root[node->inputs[i]]] = VKG_MAX(last[s->root[node->inputs[i]]], n);
     }
@@ -148,6 +155,12 @@ static vkg_status plan_memory(vkg_session *s)
         s->unshared += bytes;
         lv[nl++] = (live){t, bytes, 0, first[t] == UINT32_MAX ? 0 : first[t], last[t]};
     }
+    /* A node's scratch lives for that node only; it takes a pseudo tensor id past the real ones. */
+    for (uint32_t n = 0; n < g->n_nodes; n++)
+        if (s->scratch_bytes[n]) {
+            lv[nl++] = (live){nt + n, s->scratch_bytes[n], 0, n, n};
+            s->unshared += s->scratch_bytes[n];
+        }
     /* Greedy by decreasing size: each tensor takes the lowest aligned offset that overlaps no
      * already placed tensor alive at the same time. */
     qsort(lv, nl, sizeof *lv, by_size_desc);
@@ -175,7 +188,10 @@ static vkg_status plan_memory(vkg_session *s)
             goto done;
         }
     }
-    for (uint32_t i = 0; i < nl; i++) s->rt[lv[i].tensor].ref = (vkg_tref){s->arena, lv[i].offset};
+    for (uint32_t i = 0; i < nl; i++) {
+        if (lv[i].tensor >= nt) s->scratch[lv[i].tensor - nt] = (vkg_tref){s->arena, lv[i].offset};
+        else s->rt[lv[i].tensor].ref = (vkg_tref){s->arena, lv[i].offset};
+    }
     for (uint32_t t = 0; t < nt; t++) {
         const vkg_ir_tensor *ti = &g->tensors[t];
         if (ti->role == VKG_ROLE_CONSTANT)
@@ -202,12 +218,19 @@ static vkg_status record(vkg_session *s)
     for (uint32_t n = 0; n < g->n_nodes; n++) {
         const vkg_ir_node *node = &g->nodes[n];
         const vkg_op_def *op = vkg_op_find(node->op);
-        if (!op->record) continue;
-        const vkg_rt_tensor *in[64];
+        if (!op->record && !op->record_call) continue;
+        const vkg_rt_tensor *in[64], *outs[64];
         for (uint32_t i = 0; i < op->max_inputs; i++)
             in[i] = i < node->n_inputs && node->inputs[i] != VKG_IR_NONE ? &s->rt[node->inputs[i]] : NULL;
+        for (uint32_t i = 0; i < node->n_outputs; i++) outs[i] = &s->rt[node->outputs[i]];
         uint32_t before = vkg_cmd_dispatch_count(s->cmd);
-        vkg_status st = op->record(s->cmd, node, in, &s->rt[node->outputs[0]]);
+        vkg_status st;
+        if (op->record_call) {
+            vkg_op_call call = {s->cmd, node, in, outs, s->scratch[n], s->scratch_bytes[n]};
+            st = op->record_call(&call);
+        } else {
+            st = op->record(s->cmd, node, in, outs[0]);
+        }
         if (st != VKG_SUCCESS) return vkg_fail_prefix(st, "%s: node \"%s\" (op %s)", g->source, node->name, node->op);
         for (uint32_t d = before; d < vkg_cmd_dispatch_count(s->cmd); d++) {
             if (s->n_dispatch == cap) {
@@ -236,7 +259,9 @@ vkg_status vkg_session_create(vkg_model *model, const vkg_session_desc *desc, vk
     s->rt = calloc(nt ? nt : 1, sizeof *s->rt);
     s->root = calloc(nt ? nt : 1, sizeof *s->root);
     s->own = calloc(nt ? nt : 1, sizeof *s->own);
-    vkg_status st = s->rt && s->root && s->own ? VKG_SUCCESS : vkg_fail(VKG_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+    s->scratch = calloc(model->g->n_nodes + 1, sizeof *s->scratch);
+    s->scratch_bytes = calloc(model->g->n_nodes + 1, sizeof *s->scratch_bytes);
+    vkg_status st = s->rt && s->root && s->own && s->scratch && s->scratch_bytes ? VKG_SUCCESS : vkg_fail(VKG_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
     if (st == VKG_SUCCESS) st = infer_shapes(s, &d);
     if (st == VKG_SUCCESS) st = plan_memory(s);
     if (st == VKG_SUCCESS) st = record(s);
@@ -257,6 +282,8 @@ void vkg_session_destroy(vkg_session *s)
         for (uint32_t t = 0; t < s->model->g->n_tensors; t++) vkg_buf_destroy(s->own[t]);
     vkg_buf_destroy(s->arena);
     free(s->own);
+    free(s->scratch);
+    free(s->scratch_bytes);
     free(s->rt);
     free(s->root);
     free(s->dispatch_node);

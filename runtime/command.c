@@ -9,6 +9,7 @@ typedef struct access {
     VkBuffer buffer;
     VkDeviceSize begin, end;
     bool write;
+    bool indirect; /* read as vkCmdDispatchIndirect's arguments, not by a shader */
 } access;
 
 struct vkg_cmd {
@@ -133,8 +134,9 @@ static vkg_status add_pending(vkg_cmd *c, access a)
     return VKG_SUCCESS;
 }
 
-vkg_status vkg_cmd_dispatch(vkg_cmd *c, const vkg_pipeline *p, const vkg_binding *bindings, const void *push,
-                            uint32_t gx, uint32_t gy, uint32_t gz, const char *label)
+static vkg_status dispatch(vkg_cmd *c, const vkg_pipeline *p, const vkg_binding *bindings, const void *push,
+                           uint32_t gx, uint32_t gy, uint32_t gz, const vkg_buf *args, VkDeviceSize args_offset,
+                           const char *label)
 {
     vkg_context *ctx = c->ctx;
     if (c->ended) return vkg_fail(VKG_ERROR_INVALID_ARGUMENT, "vkg_cmd_dispatch after the recording ended");
@@ -147,7 +149,7 @@ vkg_status vkg_cmd_dispatch(vkg_cmd *c, const vkg_pipeline *p, const vkg_binding
     VkDescriptorBufferInfo bi[VKG_MAX_BINDINGS];
     VkBufferView views[VKG_MAX_BINDINGS];
     VkWriteDescriptorSet w[VKG_MAX_BINDINGS];
-    access acc[VKG_MAX_BINDINGS];
+    access acc[VKG_MAX_BINDINGS + 1];
     uint32_t n = p->desc.nbindings;
     for (uint32_t i = 0; i < n; i++) {
         const vkg_binding *b = &bindings[i];
@@ -162,7 +164,7 @@ vkg_status vkg_cmd_dispatch(vkg_cmd *c, const vkg_pipeline *p, const vkg_binding
          * words. Both stay inside the allocation, which is padded to a multiple of 64 bytes. */
         range = range ? (range + 3) / 4 * 4 : 4;
         VkDeviceSize abs = b->buf->offset + b->offset;
-        acc[i] = (access){b->buf->buffer, abs, abs + range, b->write};
+        acc[i] = (access){b->buf->buffer, abs, abs + range, b->write, false};
         w[i] = (VkWriteDescriptorSet){.sType = VK_STRUCTURE_TYPE_WRITE_DESCRIPTOR_SET, .dstBinding = i,
                                       .descriptorCount = 1};
         if (p->desc.bindings[i] == VKG_BIND_STORAGE) {
@@ -222,21 +224,38 @@ vkg_status vkg_cmd_dispatch(vkg_cmd *c, const vkg_pipeline *p, const vkg_binding
 
     /* Hazards: read-after-write and write-after-write need the writes made visible; write-after-read
      * needs only ordering, but one global memory barrier covers both and costs the same. */
-    bool need = false;
-    for (uint32_t i = 0; i < n && !need; i++)
+    uint32_t nacc = n;
+    if (args) {
+        VkDeviceSize abs = args->offset + args_offset;
+        if (args_offset % 4 || args_offset > args->size || args->size - args_offset < 12)
+            return vkg_fail(VKG_ERROR_INVALID_ARGUMENT, "%s: indirect arguments at offset %llu do not fit their buffer",
+                            label, (unsigned long long)args_offset);
+        acc[nacc++] = (access){args->buffer, abs, abs + 12, false, true};
+    }
+    bool need = false, indirect = args != NULL;
+    for (uint32_t i = 0; i < nacc && !need; i++)
         for (uint32_t j = 0; j < c->npending && !need; j++)
             if ((c->pending[j].write || acc[i].write) && overlaps(&c->pending[j], acc[i].buffer, acc[i].begin, acc[i].end))
                 need = true;
     if (need) {
+        /* Indirect arguments are read by the dispatch itself (the DRAW_INDIRECT stage), before any
+         * shader runs: a barrier that guards them names that stage and access. */
+        bool src_indirect = false;
+        for (uint32_t j = 0; j < c->npending; j++) src_indirect |= c->pending[j].indirect;
         VkMemoryBarrier mb = {.sType = VK_STRUCTURE_TYPE_MEMORY_BARRIER,
                               .srcAccessMask = VK_ACCESS_SHADER_WRITE_BIT | VK_ACCESS_SHADER_READ_BIT,
-                              .dstAccessMask = VK_ACCESS_SHADER_READ_BIT | VK_ACCESS_SHADER_WRITE_BIT};
-        vkCmdPipelineBarrier(c->cb, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, 0, 1,
-                             &mb, 0, NULL, 0, NULL);
+                              .dstAccessMask = VK_ACCESS_SHADER_READ_BIT | VK_ACCESS_SHADER_WRITE_BIT |
+                                               (indirect ? VK_ACCESS_INDIRECT_COMMAND_READ_BIT : 0)};
+        if (src_indirect) mb.srcAccessMask |= VK_ACCESS_INDIRECT_COMMAND_READ_BIT;
+        VkPipelineStageFlags src = VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT |
+                                   (src_indirect ? VK_PIPELINE_STAGE_DRAW_INDIRECT_BIT : 0);
+        VkPipelineStageFlags dst = VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT |
+                                   (indirect ? VK_PIPELINE_STAGE_DRAW_INDIRECT_BIT : 0);
+        vkCmdPipelineBarrier(c->cb, src, dst, 0, 1, &mb, 0, NULL, 0, NULL);
         c->npending = 0;
         c->nbarrier++;
     }
-    for (uint32_t i = 0; i < n; i++) VKG_TRY(add_pending(c, acc[i]));
+    for (uint32_t i = 0; i < nacc; i++) VKG_TRY(add_pending(c, acc[i]));
 
     vkCmdBindPipeline(c->cb, VK_PIPELINE_BIND_POINT_COMPUTE, p->pipeline);
     vkCmdBindDescriptorSets(c->cb, VK_PIPELINE_BIND_POINT_COMPUTE, p->layout, 0, 1, &set, 0, NULL);
@@ -244,7 +263,8 @@ vkg_status vkg_cmd_dispatch(vkg_cmd *c, const vkg_pipeline *p, const vkg_binding
     if (c->profile && c->ndispatch + 1 >= MAX_QUERIES)
         return vkg_fail(VKG_ERROR_UNSUPPORTED, "profiling records at most %d dispatches per command buffer",
                         MAX_QUERIES - 1);
-    if (gx && gy && gz) vkCmdDispatch(c->cb, gx, gy, gz);
+    if (args) vkCmdDispatchIndirect(c->cb, args->buffer, args->offset + args_offset);
+    else if (gx && gy && gz) vkCmdDispatch(c->cb, gx, gy, gz);
     if (c->profile) {
         if (c->ndispatch >= c->capqueries) VKG_TRY(grow_labels(c));
         c->labels[c->ndispatch] = label ? label : p->desc.shader;
@@ -252,6 +272,19 @@ vkg_status vkg_cmd_dispatch(vkg_cmd *c, const vkg_pipeline *p, const vkg_binding
     }
     c->ndispatch++;
     return VKG_SUCCESS;
+}
+
+vkg_status vkg_cmd_dispatch(vkg_cmd *c, const vkg_pipeline *p, const vkg_binding *bindings, const void *push,
+                            uint32_t gx, uint32_t gy, uint32_t gz, const char *label)
+{
+    return dispatch(c, p, bindings, push, gx, gy, gz, NULL, 0, label);
+}
+
+vkg_status vkg_cmd_dispatch_indirect(vkg_cmd *c, const vkg_pipeline *p, const vkg_binding *bindings, const void *push,
+                                     const vkg_buf *args, VkDeviceSize args_offset, const char *label)
+{
+    if (!args) return vkg_fail(VKG_ERROR_INVALID_ARGUMENT, "%s: no indirect argument buffer", label);
+    return dispatch(c, p, bindings, push, 0, 0, 0, args, args_offset, label);
 }
 
 vkg_status vkg_cmd_end(vkg_cmd *c)

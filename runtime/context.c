@@ -480,6 +480,16 @@ vkg_status vkg_context_create(const vkg_context_desc *desc_in, vkg_context **out
     if (st == VKG_SUCCESS) st = load_pipeline_cache(ctx, desc.pipeline_cache_path);
     ctx->force_staging = env_true("VKG_FORCE_STAGING");
     if (st == VKG_SUCCESS) {
+        VkPhysicalDeviceProperties props;
+        vkGetPhysicalDeviceProperties(ctx->phys, &props);
+        ctx->max_storage_per_stage = props.limits.maxPerStageDescriptorStorageBuffers;
+        ctx->max_texel_per_stage = props.limits.maxPerStageDescriptorSampledImages;
+    }
+    /* VKG_MATMUL_VARIANT=tiled|texel overrides the device's matmul preset for every op that
+     * follows it (tests run both on one device). */
+    const char *mv = getenv("VKG_MATMUL_VARIANT");
+    ctx->matmul_variant = mv && !strcmp(mv, "tiled") ? 1 : mv && !strcmp(mv, "texel") ? 2 : 0;
+    if (st == VKG_SUCCESS) {
         ctx->block_size = desc.block_size ? desc.block_size : (64ull << 20);
         VkDeviceSize a = 64;
         a = VKG_MAX(a, ctx->info.min_storage_offset_alignment);

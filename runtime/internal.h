@@ -63,7 +63,7 @@ VkDeviceSize vkg_mem_block_bytes(const vkg_context *ctx);
 
 /* ---- pipelines (runtime/pipeline.c) ---- */
 
-enum { VKG_MAX_BINDINGS = 8, VKG_MAX_SPEC = 16 };
+enum { VKG_MAX_BINDINGS = 12, VKG_MAX_SPEC = 16 };
 
 typedef enum vkg_bind_kind {
     VKG_BIND_STORAGE = 0,       /* std430 storage buffer */
@@ -111,6 +111,12 @@ vkg_status vkg_cmd_begin(vkg_context *ctx, bool profile, vkg_cmd **out);
  * the dispatch in profiles (kept by pointer: static strings). */
 vkg_status vkg_cmd_dispatch(vkg_cmd *cmd, const vkg_pipeline *p, const vkg_binding *bindings,
                             const void *push, uint32_t gx, uint32_t gy, uint32_t gz, const char *label);
+/* The same with the grid read on the device from 3 u32 (x, y, z) at args_offset of args, which an
+ * earlier dispatch may have written (the barrier covers the indirect read). The grid must stay
+ * within the device's workgroup count limits: the kernel that writes it clamps. */
+vkg_status vkg_cmd_dispatch_indirect(vkg_cmd *cmd, const vkg_pipeline *p, const vkg_binding *bindings,
+                                     const void *push, const vkg_buf *args, VkDeviceSize args_offset,
+                                     const char *label);
 /* Ends recording (once); afterwards the command buffer may be submitted any number of times. */
 vkg_status vkg_cmd_end(vkg_cmd *cmd);
 /* Submits and waits. Ends recording first if needed. Returns VKG_ERROR_VALIDATION if the layer
@@ -147,7 +153,9 @@ struct vkg_context {
     VkPipelineCache pipeline_cache;
     char *pipeline_cache_path;
 
-    bool force_staging;    /* VKG_FORCE_STAGING=1: never map blocks; tests the discrete-GPU copy path */
+    bool force_staging;
+    int matmul_variant;
+    uint32_t max_storage_per_stage, max_texel_per_stage; /* descriptor limits some kernels exceed the minimum of */    /* VKG_MATMUL_VARIANT: 0 the device's preset, 1 tiled, 2 texel */    /* VKG_FORCE_STAGING=1: never map blocks; tests the discrete-GPU copy path */
     VkDeviceSize block_size;
     VkDeviceSize alignment; /* every suballocation offset is a multiple of this */
     VkDeviceSize max_allocation; /* maxMemoryAllocationSize */

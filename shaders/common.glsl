@@ -29,11 +29,13 @@ float vkg_gelu(float x) { return 0.5 * x * (1.0 + vkg_erf(x * 0.7071067811865475
 #define ACT_NONE 0u
 #define ACT_RELU 1u
 #define ACT_GELU 2u
+#define ACT_SILU 3u
 
 float vkg_act(float v, uint act)
 {
     if (act == ACT_RELU) return max(v, 0.0);
     if (act == ACT_GELU) return vkg_gelu(v);
+    if (act == ACT_SILU) return v / (1.0 + exp(-v));
     return v;
 }
 

@@ -34,6 +34,58 @@ void ref_matmul(const float *x, const float *w, const float *bias, float *y, dou
     }
 }
 
+void ref_linear_lora(const float *x, const float *w, const float *bias, const float *la, const float *lb,
+                     uint32_t n_adapters, const uint32_t *ranks, const float *scales, float *y, double *mag,
+                     double *mag_lora, float *t, uint32_t m, uint32_t n, uint32_t k, uint32_t r, int act)
+{
+    /* Unfused on purpose: (x A_a^T) first, then B_a, adapter by adapter, as PyTorch's LoRA does. */
+    double *xa = malloc(((size_t)r + 1) * sizeof(double)), *xam = malloc(((size_t)r + 1) * sizeof(double));
+    double *sc = malloc(((size_t)r + 1) * sizeof(double));
+    for (uint32_t a = 0, o = 0; a < n_adapters; o += ranks[a], a++)
+        for (uint32_t j = o; j < o + ranks[a]; j++) sc[j] = scales[a];
+    for (uint32_t i = 0; i < m; i++) {
+        const float *xr = x + (size_t)i * k;
+        for (uint32_t j = 0; j < r; j++) {
+            double s = 0, a = 0;
+            for (uint32_t kk = 0; kk < k; kk++) {
+                double p = (double)xr[kk] * la[(size_t)j * k + kk];
+                s += p;
+                a += fabs(p);
+            }
+            xa[j] = s;
+            xam[j] = a;
+            if (t) t[(size_t)i * r + j] = (float)(sc[j] * s);
+        }
+        for (uint32_t c = 0; c < n; c++) {
+            double s = bias ? bias[c] : 0.0, a = bias ? fabs(bias[c]) : 0.0, l = 0.0, lm;
+            for (uint32_t kk = 0; kk < k; kk++) {
+                double p = (double)xr[kk] * w[(size_t)c * k + kk];
+                s += p;
+                a += fabs(p);
+            }
+            double prod = 0, t2 = 0; /* sum_j |t_j B_cj|, sum_j (|s| sum_k |x A_j| |B_cj|)^2 */
+            for (uint32_t aa = 0, o = 0; aa < n_adapters; o += ranks[aa], aa++) {
+                double d = 0;
+                for (uint32_t j = o; j < o + ranks[aa]; j++) {
+                    double bj = lb[(size_t)c * r + j], e = fabs(scales[aa]) * xam[j] * fabs(bj);
+                    d += xa[j] * bj;
+                    prod += fabs(scales[aa] * xa[j] * bj);
+                    t2 += e * e;
+                }
+                l += scales[aa] * d;
+            }
+            lm = sqrt((double)k + 1.0) * sqrt(t2) + sqrt((double)r + 1.0) * prod;
+            size_t o = (size_t)i * n + c;
+            y[o] = (float)act_d(s + l, act);
+            if (mag) mag[o] = a;
+            if (mag_lora) mag_lora[o] = lm;
+        }
+    }
+    free(xa);
+    free(xam);
+    free(sc);
+}
+
 void ref_layernorm(const float *x, const float *gamma, const float *beta, float *y, double *mag, uint32_t rows,
                    uint32_t d, float eps)
 {

@@ -8,6 +8,15 @@
  * (for error bounds) when mag is not NULL. act: 0 none, 1 relu, 2 gelu(erf). */
 void ref_matmul(const float *x, const float *w, const float *bias, float *y, double *mag, uint32_t batch,
                 uint32_t m, uint32_t n, uint32_t k, int w_shared, int act);
+/* The LoRA linear before its epilogue, unfused: y[m,c] = act(sum_k x w[c] + bias[c] + sum_a s_a (x A_a^T)
+ * B_a^T), A = la (r, k) and B = lb (n, r) with adapter a on ranks [o_a, o_a + ranks[a]). Optional:
+ * mag gets sum_k |x w| + |bias| per output, as ref_matmul; mag_lora the LoRA term's fp32 error in ulps:
+ * each t_j = s_a x A_j is off by ~sqrt(k) ulp of |s_a| sum_k |x A_j|, independently per rank, so through
+ * B they add as sqrt(k+1) * sqrt(sum_j (|s_a| sum_k |x A_j| |B_cj|)^2), plus sqrt(r+1) * sum_j |t_j B_cj|
+ * for the rank-long second segment; t (m, r) gets s_a x A_a^T (the LoRA kernel's output). */
+void ref_linear_lora(const float *x, const float *w, const float *bias, const float *la, const float *lb,
+                     uint32_t n_adapters, const uint32_t *ranks, const float *scales, float *y, double *mag,
+                     double *mag_lora, float *t, uint32_t m, uint32_t n, uint32_t k, uint32_t r, int act);
 /* mag (optional) gets each output's conditioning scale, max|x_row| * rstd * |gamma|: fp32 rounding of
  * the inputs moves the output by about FLT_EPSILON times this. */
 void ref_layernorm(const float *x, const float *gamma, const float *beta, float *y, double *mag, uint32_t rows,

@@ -141,6 +141,219 @@ static int test_matmul(vkg_context *ctx, vkg_mm_variant variant)
     return 0;
 }
 
+/* ---- matmul with LoRA: the fused linear ---- */
+
+typedef struct lora_case {
+    uint32_t m, k, n;
+    uint32_t nad, ranks[VKG_LORA_MAX_ADAPTERS];
+    float scales[VKG_LORA_MAX_ADAPTERS];
+    vkg_dtype wdt, ldt; /* W, and lora_a/lora_b */
+    int act, bias, epi; /* epi as in run_matmul_case */
+    int group;          /* see test_lora */
+} lora_case;
+
+/* Rounds to fp16 in place and returns the halves: the reference sees exactly what the GPU decodes. */
+static uint16_t *to_f16(float *v, size_t n)
+{
+    uint16_t *h = malloc((n + 1) * 2);
+    for (size_t i = 0; i < n; i++) {
+        h[i] = ref_f32_to_f16(v[i]);
+        v[i] = ref_f16_to_f32(h[i]);
+    }
+    return h;
+}
+
+static vkg_buf *upload_as(vkg_context *ctx, float *v, size_t n, vkg_dtype dt)
+{
+    if (dt != VKG_DTYPE_F16) return h_upload(ctx, v, n * 4);
+    uint16_t *h = to_f16(v, n);
+    vkg_buf *b = h_upload(ctx, h, n * 2);
+    free(h);
+    return b;
+}
+
+static int run_lora_case(vkg_context *ctx, vkg_mm_variant variant, const lora_case *c, uint32_t seed)
+{
+    uint32_t r = 0;
+    for (uint32_t i = 0; i < c->nad; i++) r += c->ranks[i];
+    size_t nx = (size_t)c->m * c->k, nw = (size_t)c->n * c->k, na = (size_t)r * c->k, nb = (size_t)c->n * r;
+    size_t ny = (size_t)c->m * c->n, nt = (size_t)c->m * r;
+    float *x = malloc((nx + 1) * 4), *w = malloc((nw + 1) * 4), *b = malloc((c->n + 1) * 4);
+    float *la = malloc((na + 1) * 4), *lb = malloc((nb + 1) * 4), *sc = malloc((c->n + 1) * 4);
+    float *res = malloc((ny + 1) * 4), *want = malloc((ny + 1) * 4), *twant = malloc((nt + 1) * 4);
+    float *nan = malloc((VKG_MAX(ny, nt) + 1) * 4);
+    double *mag = malloc((ny + 1) * sizeof(double)), *magl = malloc((ny + 1) * sizeof(double));
+    double *tmag = malloc((nt + 1) * sizeof(double));
+    h_fill(x, nx, seed, -1.0f, 1.0f);
+    h_fill(w, nw, seed + 1, -1.0f, 1.0f);
+    h_fill(b, c->n, seed + 2, -0.5f, 0.5f);
+    h_fill(la, na, seed + 3, -1.0f, 1.0f);
+    h_fill(lb, nb, seed + 4, -1.0f, 1.0f);
+    h_fill(sc, c->n, seed + 5, 0.1f, 2.0f);
+    h_fill(res, ny, seed + 6, -3.0f, 3.0f);
+    for (size_t i = 0; i < VKG_MAX(ny, nt); i++) nan[i] = NAN; /* every output must be written */
+    /* Uploading first rounds the fp16 operands in place, so the reference below sees them decoded. */
+    vkg_buf *bx = h_upload(ctx, x, nx * 4), *bw = upload_as(ctx, w, nw, c->wdt), *bb = h_upload(ctx, b, c->n * 4);
+    vkg_buf *bla = upload_as(ctx, la, na, c->ldt), *blb = upload_as(ctx, lb, nb, c->ldt);
+    vkg_buf *bsc = h_upload(ctx, sc, c->n * 4), *bres = h_upload(ctx, res, ny * 4), *by = h_upload(ctx, nan, ny * 4);
+    ref_linear_lora(x, w, c->bias ? b : NULL, la, lb, c->nad, c->ranks, c->scales, want, mag, magl, twant, c->m,
+                    c->n, c->k, r, c->act);
+    /* Rounding, with ref_linear_lora's bounds: the base segment ~sqrt(k) ulp of sum |x w| (as in
+     * run_matmul_case), the LoRA term magl ulp. */
+    double f = 2.0 * FLT_EPSILON, rk = sqrt((double)c->k + 1.0);
+    for (size_t i = 0; i < ny; i++) {
+        double v = want[i], m = rk * mag[i] + magl[i];
+        if (c->epi & 1) {
+            v *= sc[i % c->n];
+            m *= sc[i % c->n];
+        }
+        want[i] = (float)v;
+        mag[i] = m * f;
+        if (c->epi & 2) {
+            want[i] = (float)(v + res[i]);
+            mag[i] += 2.0 * FLT_EPSILON * fabs(res[i]); /* one more rounding, of the sum */
+        }
+    }
+    for (uint32_t i = 0; i < c->m; i++)
+        for (uint32_t a = 0, o = 0; a < c->nad; o += c->ranks[a], a++)
+            for (uint32_t j = o; j < o + c->ranks[a]; j++) {
+                double s = 0;
+                for (uint32_t kk = 0; kk < c->k; kk++)
+                    s += fabs((double)x[(size_t)i * c->k + kk] * la[(size_t)j * c->k + kk]);
+                tmag[(size_t)i * r + j] = fabs(c->scales[a]) * s * 2.0 * sqrt((double)c->k + 1.0) * FLT_EPSILON;
+            }
+
+    vkg_matmul_args a = {.x = {bx, 0}, .w = {bw, 0}, .bias = {c->bias ? bb : NULL, 0}, .y = {by, 0},
+                         .scale = {c->epi & 1 ? bsc : NULL, 0}, .residual = {c->epi & 2 ? bres : NULL, 0},
+                         .m = c->m, .n = c->n, .k = c->k, .w_shared = true, .w_dtype = c->wdt, .act = (vkg_act)c->act,
+                         .variant = variant, .lora_a = {bla, 0}, .lora_b = {blb, 0}, .lora_dtype = c->ldt,
+                         .lora_r = r, .lora_n_adapters = c->nad};
+    memcpy(a.lora_ranks, c->ranks, sizeof a.lora_ranks);
+    memcpy(a.lora_scales, c->scales, sizeof a.lora_scales);
+    CHECK(vkg_matmul_lora_scratch_bytes(&a) == nt * 4, "scratch bytes %llu, want %zu",
+          (unsigned long long)vkg_matmul_lora_scratch_bytes(&a), nt * 4);
+    vkg_buf *bt = h_upload(ctx, nan, nt * 4);
+    a.lora_t = (vkg_tref){bt, 0};
+    vkg_cmd *cmd = NULL;
+    OK(vkg_cmd_begin(ctx, false, &cmd));
+    OK(vkg_matmul(cmd, &a));
+    CHECK(vkg_cmd_dispatch_count(cmd) == (c->m ? 2u : 0u), "%u dispatches recorded", vkg_cmd_dispatch_count(cmd));
+    OK(vkg_cmd_submit_wait(cmd));
+    float *got = h_download(by, ny), *tgot = h_download(bt, nt);
+    h_maybe_fault(got, ny);
+    char what[384], ranks[160] = "";
+    for (uint32_t i = 0, o = 0; i < c->nad && o < sizeof ranks; i++)
+        o += (uint32_t)snprintf(ranks + o, sizeof ranks - o, "%s%u*%g", i ? "," : "", c->ranks[i],
+                                (double)c->scales[i]);
+    snprintf(what, sizeof what, "matmul+lora %s m=%u k=%u n=%u adapters=[%s] w=%s lora=%s act=%d bias=%d scale=%d "
+             "residual=%d", variant == VKG_MM_TEXEL ? "texel" : "tiled", c->m, c->k, c->n, ranks,
+             c->wdt == VKG_DTYPE_F16 ? "f16" : "f32", c->ldt == VKG_DTYPE_F16 ? "f16" : "f32", c->act, c->bias,
+             c->epi & 1, c->epi >> 1);
+    h_compare(what, got, want, mag, ny, 2e-6, 2e-7);
+    if (!h_inject_fault) { /* the LoRA kernel's own output, t = s_a x A_a^T */
+        char twhat[400];
+        snprintf(twhat, sizeof twhat, "%s: t", what);
+        h_compare(twhat, tgot, twant, tmag, nt, 2e-6, 2e-7);
+    }
+    check_deterministic(cmd, by, ny, what);
+    free(got);
+    free(tgot);
+    vkg_cmd_destroy(cmd);
+    vkg_buf *bufs[] = {bx, bw, bb, bla, blb, bsc, bres, by, bt};
+    for (size_t i = 0; i < VKG_ARRAY_LEN(bufs); i++) vkg_buf_destroy(bufs[i]);
+    void *mem[] = {x, w, b, la, lb, sc, res, want, twant, nan, mag, magl, tmag};
+    for (size_t i = 0; i < VKG_ARRAY_LEN(mem); i++) free(mem[i]);
+    return 0;
+}
+
+/* Each invalid LoRA configuration is refused with a message naming the problem, and nothing is
+ * recorded (no half-recorded LoRA dispatch). */
+static int test_lora_invalid(vkg_context *ctx, vkg_mm_variant variant)
+{
+    vkg_buf *buf = NULL, *small = NULL;
+    vkg_cmd *cmd = NULL;
+    OK(vkg_buf_create(ctx, 1 << 20, &buf));
+    OK(vkg_buf_create(ctx, 64, &small));
+    OK(vkg_cmd_begin(ctx, false, &cmd));
+    /* x (4, 8) at 0, w (6, 8) at 4096, y (4, 6) at 8192, lora_a (R, 8) at 16384, lora_b (6, R) at
+     * 65536, t (4, R) at 131072: room for R up to 600. */
+    vkg_matmul_args ok = {.x = {buf, 0}, .w = {buf, 4096}, .y = {buf, 8192}, .m = 4, .n = 6, .k = 8,
+                          .w_shared = true, .variant = variant, .lora_a = {buf, 16384}, .lora_b = {buf, 65536},
+                          .lora_t = {buf, 131072}, .lora_r = 5, .lora_n_adapters = 2, .lora_ranks = {2, 3},
+                          .lora_scales = {1.0f, 0.5f}};
+    OK(vkg_matmul(cmd, &ok));
+    CHECK(vkg_cmd_dispatch_count(cmd) == 2, "valid LoRA: %u dispatches", vkg_cmd_dispatch_count(cmd));
+    enum { NBAD = 14 };
+    struct lbad { vkg_matmul_args a; vkg_status st; const char *msg; } bad[NBAD];
+    for (int i = 0; i < NBAD; i++) bad[i] = (struct lbad){ok, VKG_ERROR_INVALID_ARGUMENT, NULL};
+    bad[0].a.lora_n_adapters = 9, bad[0].a.lora_r = 9, bad[0].msg = "9 LoRA adapters; 1 to 8 are supported";
+    bad[1].a.lora_r = 6, bad[1].msg = "ranks sum to 5, but lora_a has R = 6 rows";
+    bad[2].a.lora_r = 513, bad[2].msg = "rank sum R = 513; 1 to 512 are supported";
+    bad[3].a.lora_n_adapters = 0, bad[3].msg = "0 LoRA adapters";
+    bad[4].a.lora_ranks[1] = 0, bad[4].msg = "adapter 1 has rank 0; 1 to 64";
+    bad[5].a.lora_ranks[0] = 65, bad[5].a.lora_r = 68, bad[5].msg = "adapter 0 has rank 65; 1 to 64";
+    bad[6].a.lora_b.buf = NULL, bad[6].msg = "lora_a without lora_b";
+    bad[7].a.lora_a.buf = NULL, bad[7].msg = "lora_b without lora_a";
+    bad[8].a.batch = 2, bad[8].a.w_shared = true, bad[8].st = VKG_ERROR_UNSUPPORTED, bad[8].msg = "LoRA needs batch 1";
+    bad[9].a.lora_t = (vkg_tref){small, 0}, bad[9].msg = "lora_t needs 80 bytes at offset 0; its buffer has 64";
+    bad[10].a.lora_t = (vkg_tref){buf, 8192}, bad[10].msg = "lora_t overlaps y";
+    bad[11].a.lora_scales[1] = NAN, bad[11].msg = "adapter 1 has a scale that is not finite";
+    bad[12].a.lora_dtype = VKG_DTYPE_I32, bad[12].st = VKG_ERROR_UNSUPPORTED, bad[12].msg = "LoRA dtype 3";
+    bad[13].a.lora_t = (vkg_tref){buf, 16384}, bad[13].msg = "lora_t overlaps lora_a";
+    for (int i = 0; i < NBAD; i++) {
+        vkg_status s = vkg_matmul(cmd, &bad[i].a);
+        CHECK(s == bad[i].st && strstr(vkg_last_error(), bad[i].msg), "bad LoRA case %d: got %s: %s (want \"%s\")", i,
+              vkg_status_name(s), vkg_last_error(), bad[i].msg);
+        CHECK(vkg_cmd_dispatch_count(cmd) == 2, "bad LoRA case %d recorded a dispatch", i);
+    }
+    printf("ok   matmul+lora %s: %d invalid configurations refused\n", variant == VKG_MM_TEXEL ? "texel" : "tiled",
+           NBAD);
+    vkg_cmd_destroy(cmd);
+    vkg_buf_destroy(buf);
+    vkg_buf_destroy(small);
+    return 0;
+}
+
+/* part: the group of cases to run (-1 all). */
+static int test_lora(vkg_context *ctx, vkg_mm_variant variant, int part)
+{
+    if (variant == VKG_MM_AUTO) variant = vkg_matmul_default_variant(ctx); /* so each case names what ran */
+    /* m, k, n; adapters, ranks, scales; W and LoRA dtypes; act, bias, epilogue. Ragged k, n and R
+     * (k % 4 != 0 takes the one-float path; R % 4 != 0 the one-rank LoRA segment). */
+    /* m, k, n; adapters, ranks, scales; W and LoRA dtypes; act, bias, epilogue; group. Ragged k, n and
+     * R (k % 4 != 0 takes the one-float path, R % 4 != 0 the one-rank LoRA segment). Cases are grouped
+     * by the texel kernel they compile (rows per block, k and R paths, view formats): llvmpipe compiles
+     * each at its first dispatch, tens of seconds apiece, so ctest runs one process per group. */
+    static const lora_case cases[] = {
+        /* group 0: 16-row blocks, 4-wide k and R, fp32; the invalid configurations run here too */
+        {257, 96, 131, 1, {8}, {2.0f}, VKG_DTYPE_F32, VKG_DTYPE_F32, 1, 0, 2, 0},
+        {33, 388, 97, 1, {64}, {0.125f}, VKG_DTYPE_F32, VKG_DTYPE_F32, 2, 1, 3, 0},
+        {31, 40, 50, 8, {1, 2, 3, 4, 5, 6, 7, 8}, {1, -1, 0.5f, 2, -0.25f, 0.125f, 1.5f, -3}, VKG_DTYPE_F32,
+         VKG_DTYPE_F32, 0, 1, 1, 0},
+        {9, 24, 33, 8, {64, 64, 64, 64, 64, 64, 64, 64}, {1, 0.5f, 0.25f, 2, -1, -0.5f, 0.75f, 0.125f},
+         VKG_DTYPE_F32, VKG_DTYPE_F32, 0, 0, 3, 0},
+        {0, 16, 8, 1, {4}, {1.0f}, VKG_DTYPE_F32, VKG_DTYPE_F32, 0, 1, 0, 0},
+        {5, 0, 6, 1, {4}, {1.0f}, VKG_DTYPE_F32, VKG_DTYPE_F32, 0, 1, 2, 0}, /* k = 0: t = 0, y = bias + res */
+        /* group 1: R % 4 != 0 (one rank per fetch), 16-row and 8-row blocks */
+        {257, 52, 67, 3, {8, 64, 1}, {0.25f, 1.0f, -2.0f}, VKG_DTYPE_F32, VKG_DTYPE_F32, 2, 1, 2, 1},
+        {7, 20, 9, 1, {1}, {1.0f}, VKG_DTYPE_F32, VKG_DTYPE_F32, 0, 1, 0, 1},
+        {7, 36, 70, 2, {3, 6}, {1.5f, -0.5f}, VKG_DTYPE_F32, VKG_DTYPE_F32, 0, 1, 3, 1},
+        /* group 2: k % 4 != 0 (one float per fetch), fp32 and fp16 LoRA */
+        {1, 13, 37, 1, {3}, {0.75f}, VKG_DTYPE_F32, VKG_DTYPE_F32, 2, 1, 1, 2},
+        {7, 5, 3, 1, {2}, {0.0f}, VKG_DTYPE_F32, VKG_DTYPE_F32, 1, 1, 0, 2},
+        {17, 13, 64, 2, {2, 3}, {0.5f, 3.0f}, VKG_DTYPE_F32, VKG_DTYPE_F16, 0, 0, 0, 2},
+        /* group 3: fp16 weights, with fp16 and fp32 LoRA; ViT-S K */
+        {65, 68, 129, 1, {8}, {1.0f}, VKG_DTYPE_F16, VKG_DTYPE_F16, 1, 1, 1, 3},
+        {257, 384, 131, 3, {64, 8, 4}, {0.125f, 1.0f, -0.75f}, VKG_DTYPE_F16, VKG_DTYPE_F16, 2, 1, 3, 3},
+        {1, 1536, 37, 2, {64, 64}, {0.5f, 0.25f}, VKG_DTYPE_F16, VKG_DTYPE_F32, 2, 1, 2, 3},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
+        if ((part < 0 || cases[i].group == part) && run_lora_case(ctx, variant, &cases[i], 700 + 10 * (uint32_t)i))
+            return 1;
+    if (part > 0) return 0;
+    return h_inject_fault ? 0 : test_lora_invalid(ctx, variant);
+}
+
 /* ---- layernorm ---- */
 
 /* variant: 0 device default, 1 shared-memory tree, 2 subgroup + texel (see vkg_layernorm_variant). */
@@ -479,13 +692,15 @@ int main(int argc, char **argv)
     const char *op = argc > 1 ? argv[1] : "";
     vkg_mm_variant variant = VKG_MM_AUTO;
     int ln_variant = 0; /* layernorm: tree (1) or subgroup (2) */
+    int part = -1;      /* lora: one group of cases (--part N), or all */
     for (int i = 2; i < argc; i++) {
         if (!strcmp(argv[i], "--inject-fault")) h_inject_fault = 1;
         else if (!strcmp(argv[i], "--variant") && i + 1 < argc) {
             i++;
             variant = !strcmp(argv[i], "texel") ? VKG_MM_TEXEL : !strcmp(argv[i], "tiled") ? VKG_MM_TILED : VKG_MM_AUTO;
             ln_variant = !strcmp(argv[i], "tree") ? 1 : !strcmp(argv[i], "subgroup") ? 2 : 0;
-        }
+        } else if (!strcmp(argv[i], "--part") && i + 1 < argc)
+            part = atoi(argv[++i]);
     }
     vkg_context *ctx = h_context();
     int r;
@@ -497,6 +712,13 @@ int main(int argc, char **argv)
             return 77;
         }
         r = test_matmul(ctx, variant);
+    } else if (!strcmp(op, "lora")) {
+        if (variant == VKG_MM_TEXEL && !vkg_matmul_texel_supported(ctx)) {
+            printf("matmul+lora texel: device lacks subgroup size 8 or RGBA texel buffers; variant unavailable\n");
+            vkg_context_destroy(ctx);
+            return 77;
+        }
+        r = test_lora(ctx, variant, part);
     } else if (!strcmp(op, "layernorm")) {
         if (ln_variant == 2 && !vkg_layernorm_subgroup_supported(ctx)) {
             printf("layernorm subgroup: device lacks subgroup size 8 with arithmetic ops; variant unavailable\n");
@@ -518,7 +740,7 @@ int main(int argc, char **argv)
         r = test_attention(ctx, variant);
     }
     else {
-        fprintf(stderr, "usage: test_ops matmul|layernorm|unary|softmax|binary|attention|swiglu [--variant tiled|texel|tree|subgroup] [--inject-fault]\n");
+        fprintf(stderr, "usage: test_ops matmul|lora|layernorm|unary|softmax|binary|attention|swiglu [--variant tiled|texel|tree|subgroup] [--part N] [--inject-fault]\n");
         vkg_context_destroy(ctx);
         return 2;
     }

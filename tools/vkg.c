@@ -97,7 +97,7 @@ static int usage(void)
             "       vkg inspect FILE [--dim NAME=N ...]\n"
             "       vkg run FILE --input NAME=x.npy ... --out DIR [--dim NAME=N ...]\n"
             "       vkg bench FILE [--runs N] [--warmup N] [--profile] [--dim NAME=N ...]\n"
-            "       vkg bench --kernels [--quick] [--matmul-only] [--variant texel|tiled|all] [--reps N] [--json FILE]\n"
+            "       vkg bench --kernels [--quick] [--matmul-only | --only moe] [--variant texel|tiled|all] [--reps N] [--json FILE]\n"
             "environment: VKG_DEVICE=<index|name substring>, VKG_VALIDATION=1\n");
     return 2;
 }
@@ -113,7 +113,10 @@ static int cmd_bench(int argc, char **argv)
         if (!strcmp(argv[i], "--kernels")) kernels = 1;
         else if (!strcmp(argv[i], "--quick")) o.quick = true;
         else if (!strcmp(argv[i], "--matmul-only")) o.matmul_only = true;
-        else if (!strcmp(argv[i], "--json") && i + 1 < argc) o.json_path = argv[++i];
+        else if (!strcmp(argv[i], "--only") && i + 1 < argc && !strcmp(argv[i + 1], "moe")) {
+            o.moe_only = true;
+            i++;
+        } else if (!strcmp(argv[i], "--json") && i + 1 < argc) o.json_path = argv[++i];
         else if (!strcmp(argv[i], "--reps") && i + 1 < argc) o.reps = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--variant") && i + 1 < argc) {
             const char *v = argv[++i];

@@ -5,7 +5,7 @@
 
 #include "../internal.h"
 
-typedef enum vkg_act { VKG_ACT_NONE = 0, VKG_ACT_RELU = 1, VKG_ACT_GELU = 2 } vkg_act; /* = ACT_* in common.glsl */
+typedef enum vkg_act { VKG_ACT_NONE = 0, VKG_ACT_RELU = 1, VKG_ACT_GELU = 2, VKG_ACT_SILU = 3 } vkg_act; /* = ACT_* in common.glsl */
 
 /* A tensor's storage: a buffer and a byte offset into it. */
 typedef struct vkg_tref {
@@ -13,11 +13,17 @@ typedef struct vkg_tref {
     VkDeviceSize offset;
 } vkg_tref;
 
+/* Whether two byte ranges of abytes and bbytes share memory (one VkBuffer, intersecting ranges). */
+bool vkg_tref_overlap(vkg_tref a, VkDeviceSize abytes, vkg_tref b, VkDeviceSize bbytes);
+
 typedef enum vkg_mm_variant {
     VKG_MM_AUTO = 0,  /* the device's preset */
     VKG_MM_TILED = 1, /* shared-memory tiles (GPUs) */
     VKG_MM_TEXEL = 2  /* texel-buffer reads, no shared memory (lavapipe) */
 } vkg_mm_variant;
+
+/* LoRA limits of the linear op (docs/graph-format.md): they bound the push constants and registers. */
+enum { VKG_LORA_MAX_ADAPTERS = 8, VKG_LORA_MAX_RANK = 64, VKG_LORA_MAX_R = 512 };
 
 typedef struct vkg_matmul_args {
     vkg_tref x;       /* (batch, m, k) fp32 */
@@ -32,6 +38,19 @@ typedef struct vkg_matmul_args {
     vkg_dtype w_dtype;
     vkg_act act;
     vkg_mm_variant variant;
+    /* LoRA, optional (lora_a.buf NULL = none; then every lora_ field is ignored): adds
+     * sum_a s_a (x A_a^T) B_a^T before the epilogue. Adapter a owns rows [o_a, o_a + r_a) of lora_a
+     * and the same columns of lora_b, o_a = lora_ranks[0] + ... + lora_ranks[a-1]. Needs batch 1.
+     * vkg_matmul records two dispatches: t = the scaled x A^T into lora_t (vkg_lora), then the
+     * matmul with t B^T as a second K segment of the same accumulators. */
+    vkg_tref lora_a;          /* (lora_r, k), fp32 or fp16 (lora_dtype) */
+    vkg_tref lora_b;          /* (n, lora_r), same dtype */
+    vkg_tref lora_t;          /* scratch (m, lora_r) fp32, vkg_matmul_lora_scratch_bytes; overlaps no operand */
+    vkg_dtype lora_dtype;
+    uint32_t lora_r;          /* R = sum of the ranks, 1..VKG_LORA_MAX_R */
+    uint32_t lora_n_adapters; /* 1..VKG_LORA_MAX_ADAPTERS */
+    uint32_t lora_ranks[VKG_LORA_MAX_ADAPTERS]; /* each 1..VKG_LORA_MAX_RANK */
+    float lora_scales[VKG_LORA_MAX_ADAPTERS];   /* s_a (alpha / r in PEFT's convention) */
 } vkg_matmul_args;
 
 /* Whether the device can run the texel variant at all. */
@@ -39,6 +58,25 @@ bool vkg_matmul_texel_supported(const vkg_context *ctx);
 /* Which variant AUTO picks on this context. */
 vkg_mm_variant vkg_matmul_default_variant(const vkg_context *ctx);
 vkg_status vkg_matmul(vkg_cmd *cmd, const vkg_matmul_args *a);
+/* Bytes of the lora_t scratch a LoRA matmul needs (m * lora_r * 4); 0 without LoRA. */
+VkDeviceSize vkg_matmul_lora_scratch_bytes(const vkg_matmul_args *a);
+
+/* The LoRA down-projection: t (m, r) fp32 = s_a * x A_a^T for each adapter a, where a owns rows
+ * [o_a, o_a + r_a) of a (r, k) and columns [o_a, o_a + r_a) of t. x (m, k) fp32; a fp32 or fp16. */
+typedef struct vkg_lora_args {
+    vkg_tref x, a, t;
+    uint32_t m, k, r;
+    vkg_dtype dtype;       /* of a */
+    uint32_t n_adapters;   /* 1..VKG_LORA_MAX_ADAPTERS; ranks each 1..VKG_LORA_MAX_RANK, summing to r */
+    uint32_t ranks[VKG_LORA_MAX_ADAPTERS];
+    float scales[VKG_LORA_MAX_ADAPTERS];
+    vkg_mm_variant variant; /* TEXEL: texel fetches, one subgroup of 8 (lavapipe); TILED: storage
+                             * buffers and shared memory (any device); AUTO: as matmul's default */
+} vkg_lora_args;
+vkg_status vkg_lora(vkg_cmd *cmd, const vkg_lora_args *a);
+/* Every check of vkg_lora (and its pipeline), recording nothing; messages start with `who`. Lets
+ * vkg_matmul refuse a bad LoRA before it records either of its dispatches. */
+vkg_status vkg_lora_check(vkg_cmd *cmd, const vkg_lora_args *a, const char *who);
 
 /* y = LayerNorm(x) over the last dim d, for `rows` rows; gamma/beta (d) optional (buf NULL). */
 vkg_status vkg_layernorm(vkg_cmd *cmd, vkg_tref x, vkg_tref gamma, vkg_tref beta, vkg_tref y, uint32_t rows,

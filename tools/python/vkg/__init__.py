@@ -18,6 +18,13 @@ _LAZY = {
     "GraphWriter": ("format", "GraphWriter"),
     "FormatError": ("format", "FormatError"),
     "export_dinov2": ("dinov2", "export_dinov2"),
+    "export_options": ("export", "export_options"),
+    "stack_lora": ("builder", "stack_lora"),
+    "MoELoRAFFN": ("moe", "MoELoRAFFN"),
+    "DeepSeekMoEFFN": ("moe", "DeepSeekMoEFFN"),
+    "MoEFFN": ("moe", "MoEFFN"),
+    "TopKRouter": ("moe", "TopKRouter"),
+    "upcycle_ffn": ("moe", "upcycle_ffn"),
 }
 
 

@@ -82,13 +82,44 @@ def add_export_demo(sub):
     p.set_defaults(func=cmd_export_demo)
 
 
+def cmd_moe_demo(args):
+    from . import moe
+    from .export import export
+    module, x = moe.demo(args.kind, size=args.size, seed=args.seed)
+    if args.variant:
+        module.vkg_variant = args.variant
+    b = export(module, (x,), args.output, fp16=args.fp16, moe_stats=args.stats,
+               moe_routing=args.routing,
+               metadata={"description": "vkg MoE demo %s (%s, seed %d)"
+                                        % (args.kind, args.size, args.seed)})
+    print("wrote %s: %s, %d nodes, %d parameters, example input x %s"
+          % (args.output, type(module).__name__, len(b.nodes), b.parameter_count(),
+             list(x.shape)))
+    return 0
+
+
+def add_moe_demo(sub):
+    p = sub.add_parser("moe-demo", help="export a random MoE FFN (vkg.moe; fixed seed)")
+    p.add_argument("kind", choices=("lora", "deepseek", "deepseek-swiglu", "ffn"))
+    p.add_argument("-o", "--output", required=True, help="the .vkg file to write")
+    p.add_argument("--size", choices=("small", "spec"), default="small",
+                   help="small test sizes or the model-spec sizes (S1 / S2 / S3)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fp16", action="store_true", help="f16 expert and FFN weights")
+    p.add_argument("--stats", action="store_true", help="routing statistics as graph outputs")
+    p.add_argument("--routing", action="store_true", help="ids and gates as graph outputs")
+    p.add_argument("--variant", choices=("shared_base", "naive"),
+                   help="MoE-LoRA graph form (default shared_base)")
+    p.set_defaults(func=cmd_moe_demo)
+
+
 def add_dinov2(sub):
     from .dinov2_cli import add_command     # no torch import until the command runs
     add_command(sub)
 
 
 # Each entry adds one subcommand; later model families append their own adder here.
-COMMANDS = [add_inspect, add_export_demo, add_dinov2]
+COMMANDS = [add_inspect, add_export_demo, add_dinov2, add_moe_demo]
 
 
 def build_parser():

@@ -11,6 +11,10 @@ import numpy as np
 from . import format as fmt
 
 ACTIVATIONS = {"none": 0, "relu": 1, "gelu": 2}
+MOE_ACTIVATIONS = {"relu": 1, "gelu": 2, "swiglu": 3}
+MOE_ROUTER_OUTPUTS = ("ids", "gates", "counts", "fraction", "mean_score", "load_balance", "z_loss")
+LORA_MAX_ADAPTERS = 8
+LORA_MAX_RANK = 512
 
 
 class Tensor:
@@ -42,6 +46,43 @@ def _shape_str(shape):
     return "(" + ", ".join(_dim_str(d) for d in shape) + ")"
 
 
+def _as_array(a):
+    if hasattr(a, "detach"):      # a torch tensor
+        a = a.detach().cpu().double().numpy()
+    return np.asarray(a, dtype=np.float64)
+
+
+def stack_lora(adapters):
+    """Stacks PEFT adapters [(A (r_a, K), B (N, r_a), scale_a), ...] (arrays or torch tensors)
+    into one lora_a (R, K) and lora_b (N, R) (float32, R = sum r_a, adapter a owning rows
+    [o_a, o_a + r_a) of lora_a and the same columns of lora_b) as linear()'s LoRA inputs.
+    Returns (lora_a, lora_b, scales, ranks)."""
+    adapters = list(adapters)
+    if not adapters:
+        raise ValueError("stack_lora: no adapters given")
+    if len(adapters) > LORA_MAX_ADAPTERS:
+        raise ValueError("stack_lora: %d adapters, at most %d" % (len(adapters), LORA_MAX_ADAPTERS))
+    As, Bs, scales, ranks = [], [], [], []
+    for i, ad in enumerate(adapters):
+        if len(ad) != 3:
+            raise ValueError("stack_lora: adapter %d is not (A, B, scale)" % i)
+        a, bm, sc = _as_array(ad[0]), _as_array(ad[1]), float(ad[2])
+        if a.ndim != 2 or bm.ndim != 2 or bm.shape[1] != a.shape[0] or a.shape[0] < 1:
+            raise ValueError("stack_lora: adapter %d has A %s and B %s; expected A (r, K) and "
+                             "B (N, r)" % (i, a.shape, bm.shape))
+        if As and (a.shape[1] != As[0].shape[1] or bm.shape[0] != Bs[0].shape[0]):
+            raise ValueError("stack_lora: adapter %d has A %s, B %s but adapter 0 has A %s, B %s"
+                             % (i, a.shape, bm.shape, As[0].shape, Bs[0].shape))
+        As.append(a)
+        Bs.append(bm)
+        scales.append(sc)
+        ranks.append(int(a.shape[0]))
+    if sum(ranks) > LORA_MAX_RANK:
+        raise ValueError("stack_lora: total rank %d > %d" % (sum(ranks), LORA_MAX_RANK))
+    return (np.concatenate(As, 0).astype(np.float32), np.concatenate(Bs, 1).astype(np.float32),
+            scales, ranks)
+
+
 class Builder:
     def __init__(self):
         self.tensors = []
@@ -53,6 +94,7 @@ class Builder:
         self.outputs = []
         self.metadata_items = {}
         self._counter = {}
+        self._pending_outputs = []   # (tensor, name) marked as outputs by flush_outputs()
 
     # -- names --
     def _node_name(self, name, op):
@@ -96,13 +138,28 @@ class Builder:
         if not isinstance(t, Tensor) or t.builder is not self:
             raise ValueError("node %r: %s is not a tensor of this builder (%r)" % (node, what, t))
 
-    def _node(self, op, name, inputs, out_shape, attrs=None, out_name=None):
-        out = self._add_tensor(self.unique_tensor_name(out_name or name), "f32", "intermediate",
+    def _node(self, op, name, inputs, out_shape, attrs=None, out_name=None, dtype="f32"):
+        out = self._add_tensor(self.unique_tensor_name(out_name or name), dtype, "intermediate",
                                out_shape)
         self.nodes.append(dict(op=op, name=name, inputs=list(inputs), outputs=[out.index],
                                attrs=dict(attrs or {})))
         self._producer[out.index] = name
         return out
+
+    def _node_multi(self, op, name, inputs, outputs, attrs=None):
+        """A node with several outputs: outputs is a list of (suffix, dtype, shape); output i is
+        the tensor "<name>.<suffix>". inputs: Tensors or None (absent optional inputs; trailing
+        ones are dropped). Returns the output Tensors in order."""
+        ins = [None if t is None else t.index for t in inputs]
+        while ins and ins[-1] is None:
+            ins.pop()
+        outs = [self._add_tensor(self.unique_tensor_name("%s.%s" % (name, suffix)), dtype,
+                                 "intermediate", shape) for suffix, dtype, shape in outputs]
+        self.nodes.append(dict(op=op, name=name, inputs=ins, outputs=[t.index for t in outs],
+                               attrs=dict(attrs or {})))
+        for t in outs:
+            self._producer[t.index] = name
+        return outs
 
     # -- graph inputs and constants --
     def input(self, name, shape, dtype="f32"):
@@ -145,18 +202,20 @@ class Builder:
         return self._add_tensor(name, dtype, "constant", list(arr.shape), data=data, value=value)
 
     # -- ops --
-    def linear(self, x, weight, bias=None, activation=0, name=None, scale=None, residual=None):
-        """residual + scale * act(x weight^T + bias); scale (N,) and residual (shape of the output)
-        are optional (LayerScale and the residual add fused into the projection)."""
+    def linear(self, x, weight, bias=None, activation=0, name=None, scale=None, residual=None,
+               lora_a=None, lora_b=None, lora_scale=None, lora_ranks=None):
+        """residual + scale * act(x weight^T + bias + sum_a s_a (x A_a^T) B_a^T).
+
+        scale (N,) and residual (shape of the output) are optional (LayerScale and the residual
+        add fused into the projection). LoRA: lora_a (R, K) and lora_b (N, R) f32/f16 constants
+        (both or neither) hold one or several adapters stacked along R (see stack_lora);
+        lora_scale is s (a float) or one float per adapter, lora_ranks the adapters' ranks
+        (default [R]). Inputs are written as x, weight, bias, scale, residual, lora_a, lora_b with
+        None for absent optional inputs before the last present one."""
         name = self._node_name(name, "linear")
         self._check_tensor(x, name, "x")
         self._check_tensor(weight, name, "weight")
-        if isinstance(activation, str):
-            if activation not in ACTIVATIONS:
-                raise ValueError("node %r: unknown activation %r" % (name, activation))
-            activation = ACTIVATIONS[activation]
-        if activation not in (0, 1, 2):
-            raise ValueError("node %r: activation %r is not 0, 1 or 2" % (name, activation))
+        activation = self._activation(name, activation, ACTIVATIONS, (0, 1, 2))
         if x.dtype != "f32" or x.rank < 1:
             raise ValueError("node %r: x must be f32 of rank >= 1, got %s %s"
                              % (name, x.dtype, _shape_str(x.shape)))
@@ -167,31 +226,99 @@ class Builder:
         if isinstance(x.shape[-1], int) and x.shape[-1] != k:
             raise ValueError("node %r: x %s has K=%d but weight %r is (%d, %d)"
                              % (name, _shape_str(x.shape), x.shape[-1], weight.name, n, k))
-        inputs = [x.index, weight.index]
         if bias is not None:
             self._check_tensor(bias, name, "bias")
             if bias.role != "constant" or bias.dtype != "f32" or bias.shape != (n,):
                 raise ValueError("node %r: bias must be an f32 constant of shape (%d), got %r"
                                  % (name, n, bias))
-            inputs.append(bias.index)
-        if scale is not None or residual is not None:
-            if bias is None:
-                inputs.append(None)
-            if scale is not None:
-                self._check_tensor(scale, name, "scale")
-                if scale.role != "constant" or scale.dtype != "f32" or scale.shape != (n,):
-                    raise ValueError("node %r: scale must be an f32 constant of shape (%d), got %r"
-                                     % (name, n, scale))
-            inputs.append(None if scale is None else scale.index)
-            if residual is not None:
-                self._check_tensor(residual, name, "residual")
-                if residual.dtype != "f32" or residual.rank != x.rank or (
-                        isinstance(residual.shape[-1], int) and residual.shape[-1] != n):
-                    raise ValueError("node %r: residual must be f32 with the output's shape, got %r"
-                                     % (name, residual))
-                inputs.append(residual.index)
+        if scale is not None:
+            self._check_tensor(scale, name, "scale")
+            if scale.role != "constant" or scale.dtype != "f32" or scale.shape != (n,):
+                raise ValueError("node %r: scale must be an f32 constant of shape (%d), got %r"
+                                 % (name, n, scale))
+        if residual is not None:
+            self._check_tensor(residual, name, "residual")
+            if residual.dtype != "f32" or residual.rank != x.rank or (
+                    isinstance(residual.shape[-1], int) and residual.shape[-1] != n):
+                raise ValueError("node %r: residual must be f32 with the output's shape, got %r"
+                                 % (name, residual))
         attrs = {"activation": int(activation)} if activation else {}
+        if (lora_a is None) != (lora_b is None):
+            raise ValueError("node %r: lora_a and lora_b must be both given or both absent" % name)
+        if lora_a is None:
+            if lora_scale is not None or lora_ranks is not None:
+                raise ValueError("node %r: lora_scale/lora_ranks given without lora_a, lora_b"
+                                 % name)
+        else:
+            attrs.update(self._lora_attrs(name, n, k, lora_a, lora_b, lora_scale, lora_ranks))
+        opt = [bias, scale, residual, lora_a, lora_b]
+        while opt and opt[-1] is None:
+            opt.pop()
+        inputs = [x.index, weight.index] + [None if t is None else t.index for t in opt]
         return self._node("linear", name, inputs, list(x.shape[:-1]) + [n], attrs)
+
+    @staticmethod
+    def _activation(name, activation, table, allowed):
+        if isinstance(activation, str):
+            if activation not in table:
+                raise ValueError("node %r: unknown activation %r (known: %s)"
+                                 % (name, activation, ", ".join(sorted(table))))
+            activation = table[activation]
+        if isinstance(activation, bool) or activation not in allowed:
+            raise ValueError("node %r: activation %r is not one of %s"
+                             % (name, activation, ", ".join(str(a) for a in allowed)))
+        return int(activation)
+
+    def _lora_attrs(self, name, n, k, lora_a, lora_b, lora_scale, lora_ranks):
+        self._check_tensor(lora_a, name, "lora_a")
+        self._check_tensor(lora_b, name, "lora_b")
+        for what, t in (("lora_a", lora_a), ("lora_b", lora_b)):
+            if t.role != "constant" or t.rank != 2 or t.dtype not in ("f32", "f16"):
+                raise ValueError("node %r: %s must be a rank-2 f32/f16 constant, got %r"
+                                 % (name, what, t))
+        r = lora_a.shape[0]
+        if lora_a.shape != (r, k):
+            raise ValueError("node %r: lora_a %r must be (R, K=%d)" % (name, lora_a, k))
+        if lora_b.shape != (n, r):
+            raise ValueError("node %r: lora_b %r must be (N=%d, R=%d) to match lora_a %s"
+                             % (name, lora_b, n, r, _shape_str(lora_a.shape)))
+        if not 1 <= r <= LORA_MAX_RANK:
+            raise ValueError("node %r: total LoRA rank R=%d outside 1..%d"
+                             % (name, r, LORA_MAX_RANK))
+        ranks = [r] if lora_ranks is None else list(lora_ranks)
+        if lora_scale is None:
+            raise ValueError("node %r: lora_scale is required with LoRA inputs" % name)
+        scales = list(lora_scale) if isinstance(lora_scale, (list, tuple, np.ndarray)) \
+            else [lora_scale]
+        if not 1 <= len(ranks) <= LORA_MAX_ADAPTERS:
+            raise ValueError("node %r: %d LoRA adapters (1..%d allowed)"
+                             % (name, len(ranks), LORA_MAX_ADAPTERS))
+        for q in ranks:
+            if isinstance(q, bool) or not isinstance(q, (int, np.integer)) or q < 1:
+                raise ValueError("node %r: lora_ranks %s: each rank must be an int >= 1"
+                                 % (name, ranks))
+        if sum(ranks) != r:
+            raise ValueError("node %r: lora_ranks %s sum to %d, lora_a has R=%d rows"
+                             % (name, [int(q) for q in ranks], sum(ranks), r))
+        if len(scales) != len(ranks):
+            raise ValueError("node %r: %d lora_scale values for %d adapters (lora_ranks %s)"
+                             % (name, len(scales), len(ranks), [int(q) for q in ranks]))
+        scales = [float(v) for v in scales]
+        if not all(np.isfinite(scales)):
+            raise ValueError("node %r: lora_scale %s is not finite" % (name, scales))
+        return {"lora_scale": fmt.Attr(fmt.ATTR_FLOATS, scales),
+                "lora_ranks": fmt.Attr(fmt.ATTR_INTS, [int(q) for q in ranks])}
+
+    def lora(self, name, adapters, dtype="f32"):
+        """Constants for several PEFT adapters of one linear, as keyword arguments of linear():
+        adapters is a list of (A (r, K), B (N, r), scale) (arrays or torch tensors);
+        creates "<name>.lora_a" (R, K) and "<name>.lora_b" (N, R) in dtype (f32/f16) and returns
+        dict(lora_a=..., lora_b=..., lora_scale=[...], lora_ranks=[...])."""
+        a, bm, scales, ranks = stack_lora(adapters)
+        return dict(lora_a=self.constant(self.unique_tensor_name(name + ".lora_a"), a, dtype=dtype),
+                    lora_b=self.constant(self.unique_tensor_name(name + ".lora_b"), bm,
+                                         dtype=dtype),
+                    lora_scale=scales, lora_ranks=ranks)
 
     def layernorm(self, x, weight=None, bias=None, eps=1e-5, name=None):
         name = self._node_name(name, "layernorm")
@@ -217,9 +344,15 @@ class Builder:
             raise ValueError("node %r: eps must be > 0, got %r" % (name, eps))
         return self._node("layernorm", name, inputs, list(x.shape), {"eps": eps})
 
+    def _check_f32(self, x, name, what="x"):
+        if x.dtype != "f32":
+            raise ValueError("node %r: %s must be f32, got %s tensor %r"
+                             % (name, what, x.dtype, x.name))
+
     def gelu(self, x, approximate="none", name=None):
         name = self._node_name(name, "gelu")
         self._check_tensor(x, name, "x")
+        self._check_f32(x, name)
         if approximate != "none":
             raise ValueError("node %r: gelu approximate=%r is not supported (only 'none')"
                              % (name, approximate))
@@ -228,12 +361,14 @@ class Builder:
     def relu(self, x, name=None):
         name = self._node_name(name, "relu")
         self._check_tensor(x, name, "x")
+        self._check_f32(x, name)
         return self._node("relu", name, [x.index], list(x.shape))
 
     def swiglu(self, x, name=None):
         """silu(x[..., :h]) * x[..., h:] for x (..., 2h): output (..., h); silu(v) = v*sigmoid(v)."""
         name = self._node_name(name, "swiglu")
         self._check_tensor(x, name, "x")
+        self._check_f32(x, name)
         if x.rank < 1:
             raise ValueError("node %r: swiglu needs a tensor of rank >= 1" % name)
         d = x.shape[-1]
@@ -285,6 +420,7 @@ class Builder:
     def softmax(self, x, axis=-1, name=None):
         name = self._node_name(name, "softmax")
         self._check_tensor(x, name, "x")
+        self._check_f32(x, name)
         axis = int(axis)
         if x.rank < 1 or axis not in (-1, x.rank - 1):
             raise ValueError("node %r: softmax axis %d is not the last dim of %s"
@@ -347,7 +483,8 @@ class Builder:
             raise ValueError("node %r: cannot reshape %s to %s (element counts differ)"
                              % (name, _shape_str(x.shape), _shape_str(out)))
         return self._node("reshape", name, [x.index], out, {"shape": fmt.Attr(fmt.ATTR_INTS,
-                                                                             shape)})
+                                                                             shape)},
+                          dtype=x.dtype)
 
     def identity(self, x, name=None):
         """A copy of x (a reshape that keeps every dim)."""
@@ -509,7 +646,200 @@ class Builder:
         else:
             out[ax] = None
         return self._node("slice", name, [x.index], out, {"axis": axis, "start": start,
-                                                          "end": end})
+                                                          "end": end}, dtype=x.dtype)
+
+    # -- Mixture-of-Experts ops (moe_router, moe_experts, moe_lora_mix; docs/moe.md) --
+    @staticmethod
+    def _dims_clash(a, b):
+        return isinstance(a, int) and isinstance(b, int) and a != b
+
+    def _check_tokens(self, name, what, t, ref, last=None, dtype="f32"):
+        """t must be dtype with ref's leading dims and last dim `last` (None: any)."""
+        self._check_tensor(t, name, what)
+        if t.dtype != dtype:
+            raise ValueError("node %r: %s must be %s, got %s tensor %r"
+                             % (name, what, dtype, t.dtype, t.name))
+        if t.rank != ref.rank or any(self._dims_clash(a, b) for a, b in
+                                     zip(t.shape[:-1], ref.shape[:-1])):
+            raise ValueError("node %r: %s %r %s must have the leading dims of %r %s"
+                             % (name, what, t.name, _shape_str(t.shape), ref.name,
+                                _shape_str(ref.shape)))
+        if last is not None and self._dims_clash(t.shape[-1], last):
+            raise ValueError("node %r: %s %r %s must have last dim %s"
+                             % (name, what, t.name, _shape_str(t.shape), _dim_str(last)))
+
+    def _check_const(self, name, what, t, shape, dtypes=("f32",)):
+        self._check_tensor(t, name, what)
+        if t.role != "constant" or t.dtype not in dtypes:
+            raise ValueError("node %r: %s must be a %s constant, got %r"
+                             % (name, what, "/".join(dtypes), t))
+        if len(t.shape) != len(shape) or any(w is not None and d != w
+                                             for d, w in zip(t.shape, shape)):
+            raise ValueError("node %r: %s %r is %s, expected %s"
+                             % (name, what, t.name, _shape_str(t.shape), _shape_str(shape)))
+
+    def _check_weight(self, name, what, t, rank, layout):
+        self._check_tensor(t, name, what)
+        if t.role != "constant" or t.rank != rank or t.dtype not in ("f32", "f16"):
+            raise ValueError("node %r: %s must be a rank-%d f32/f16 constant %s, got %r"
+                             % (name, what, rank, layout, t))
+
+    def moe_router(self, x, weight, bias=None, k=None, first=0, score="softmax",
+                   gates="softmax_topk", renorm=0, scale=1.0, temperature=1.0, stats=False,
+                   name=None):
+        """z = (x weight^T + bias) / temperature per token; ids = the k largest z among columns
+        [first, C) (descending, ties to the lower column) minus first, as i32; gates: softmax
+        over the k selected logits ("softmax_topk") or the selected scores ("score": softmax(z)
+        over all C columns or sigmoid(z); renorm divides them by their sum); times scale.
+        Returns (ids, gates), or with stats=True (ids, gates, counts (C-first), fraction
+        (C-first), mean_score (C), load_balance (1), z_loss (1))."""
+        name = self._node_name(name, "moe_router")
+        self._check_tensor(x, name, "x")
+        if x.dtype != "f32" or x.rank < 1:
+            raise ValueError("node %r: x must be f32 of rank >= 1, got %r" % (name, x))
+        self._check_weight(name, "weight", weight, 2, "(C, D)")
+        c, d = weight.shape
+        if self._dims_clash(x.shape[-1], d):
+            raise ValueError("node %r: x %s has D=%s but weight %r is (%d, %d)"
+                             % (name, _shape_str(x.shape), _dim_str(x.shape[-1]), weight.name,
+                                c, d))
+        if bias is not None:
+            self._check_const(name, "bias", bias, (c,))
+        if k is None:
+            raise ValueError("node %r: k (the experts per token) is required" % name)
+        for what, v in (("k", k), ("first", first)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise ValueError("node %r: %s must be an int, got %r" % (name, what, v))
+        k, first = int(k), int(first)
+        if not 0 <= first < c:
+            raise ValueError("node %r: first=%d outside 0..%d (weight has C=%d columns)"
+                             % (name, first, c - 1, c))
+        if not 1 <= k <= c - first:
+            raise ValueError("node %r: k=%d outside 1..%d (C=%d columns, first=%d)"
+                             % (name, k, c - first, c, first))
+        if score not in ("softmax", "sigmoid"):
+            raise ValueError("node %r: score %r is not 'softmax' or 'sigmoid'" % (name, score))
+        if gates not in ("softmax_topk", "score"):
+            raise ValueError("node %r: gates %r is not 'softmax_topk' or 'score'" % (name, gates))
+        if renorm not in (0, 1):
+            raise ValueError("node %r: renorm %r is not 0 or 1" % (name, renorm))
+        renorm = int(renorm)
+        if renorm and gates != "score":
+            raise ValueError("node %r: renorm applies to gates='score' (softmax_topk gates "
+                             "already sum to 1)" % name)
+        scale, temperature = float(scale), float(temperature)
+        if not np.isfinite(scale):
+            raise ValueError("node %r: scale %r is not finite" % (name, scale))
+        if not (np.isfinite(temperature) and temperature > 0):
+            raise ValueError("node %r: temperature %r must be finite and > 0"
+                             % (name, temperature))
+        attrs = {"k": k}
+        if first:
+            attrs["first"] = first
+        if score != "softmax":
+            attrs["score"] = score
+        if gates != "softmax_topk":
+            attrs["gates"] = gates
+        if renorm:
+            attrs["renorm"] = 1
+        if scale != 1.0:
+            attrs["scale"] = scale
+        if temperature != 1.0:
+            attrs["temperature"] = temperature
+        lead = list(x.shape[:-1])
+        outs = [("ids", "i32", lead + [k]), ("gates", "f32", lead + [k])]
+        if stats:
+            outs += [("counts", "f32", [c - first]), ("fraction", "f32", [c - first]),
+                     ("mean_score", "f32", [c]), ("load_balance", "f32", [1]),
+                     ("z_loss", "f32", [1])]
+        return tuple(self._node_multi("moe_router", name, [x, weight, bias], outs, attrs))
+
+    def _check_routing(self, name, x, ids, gates):
+        self._check_tokens(name, "ids", ids, x, dtype="i32")
+        self._check_tokens(name, "gates", gates, x, last=ids.shape[-1])
+
+    def moe_experts(self, x, ids, gates, w1, w2, b1=None, b2=None, w3=None, residual=None,
+                    activation="gelu", name=None):
+        """residual + sum over each token's k slots, in ascending expert id, of
+        gate * (w2_e act(w1_e x + b1_e) + b2_e) (swiglu: silu(w1_e x + b1_e) * (w3_e x)); a slot
+        whose id is outside [0, E) contributes nothing.
+        x (..., D) f32, ids (..., k) i32, gates (..., k) f32; w1 (E, h, D), w2 (E, D, h), w3
+        (E, h, D) f32/f16 constants; b1 (E, h), b2 (E, D) f32 constants; activation relu / gelu /
+        swiglu (or 1 / 2 / 3). Inputs are written x, ids, gates, w1, b1, w2, b2, w3, residual."""
+        name = self._node_name(name, "moe_experts")
+        self._check_tensor(x, name, "x")
+        if x.dtype != "f32" or x.rank < 1:
+            raise ValueError("node %r: x must be f32 of rank >= 1, got %r" % (name, x))
+        self._check_routing(name, x, ids, gates)
+        activation = self._activation(name, activation, MOE_ACTIVATIONS, (1, 2, 3))
+        self._check_weight(name, "w1", w1, 3, "(E, h, D)")
+        e, h, d = w1.shape
+        if self._dims_clash(x.shape[-1], d):
+            raise ValueError("node %r: x %s has D=%s but w1 %r is %s"
+                             % (name, _shape_str(x.shape), _dim_str(x.shape[-1]), w1.name,
+                                _shape_str(w1.shape)))
+        self._check_const(name, "w2", w2, (e, d, h), ("f32", "f16"))
+        if b1 is not None:
+            self._check_const(name, "b1", b1, (e, h))
+        if b2 is not None:
+            self._check_const(name, "b2", b2, (e, d))
+        if activation == 3:
+            if w3 is None:
+                raise ValueError("node %r: swiglu experts need w3 (E, h, D)" % name)
+            self._check_const(name, "w3", w3, (e, h, d), ("f32", "f16"))
+        elif w3 is not None:
+            raise ValueError("node %r: w3 is only used with activation swiglu" % name)
+        if residual is not None:
+            self._check_tokens(name, "residual", residual, x, last=d)
+        ins = [None if t is None else t.index
+               for t in (x, ids, gates, w1, b1, w2, b2, w3, residual)]
+        while ins[-1] is None:
+            ins.pop()
+        return self._node("moe_experts", name, ins, list(x.shape[:-1]) + [d],
+                          {"activation": activation})
+
+    def moe_lora_mix(self, u, a1, ids, gates, lora_b1, lora_a2, lora_b2, b2=None, scale=None,
+                     residual=None, lora_scale=None, activation=2, name=None):
+        """The per-expert step of the shared-base MoE-LoRA FFN (docs/moe.md). u (..., H) = the
+        frozen fc1 (f W1^T + b1); a1 (..., E*r) = f A1^T with every expert's fc1 lora_A stacked;
+        lora_b1 (E, H, r), lora_a2 (E, r, H), lora_b2 (E, D, r) f32/f16 constants; b2, scale (D)
+        f32 constants; lora_scale s (required); activation relu / gelu (1 / 2, default gelu).
+        Returns (hbar (..., H), c (..., D)); linear(hbar, W2, scale=scale, residual=c) then
+        completes the FFN."""
+        name = self._node_name(name, "moe_lora_mix")
+        self._check_tensor(u, name, "u")
+        if u.dtype != "f32" or u.rank < 1:
+            raise ValueError("node %r: u must be f32 of rank >= 1, got %r" % (name, u))
+        self._check_weight(name, "lora_b1", lora_b1, 3, "(E, H, r)")
+        e, h, r = lora_b1.shape
+        if self._dims_clash(u.shape[-1], h):
+            raise ValueError("node %r: u %s has H=%s but lora_b1 %r is %s"
+                             % (name, _shape_str(u.shape), _dim_str(u.shape[-1]), lora_b1.name,
+                                _shape_str(lora_b1.shape)))
+        self._check_tokens(name, "a1", a1, u, last=e * r)
+        self._check_routing(name, u, ids, gates)
+        self._check_const(name, "lora_a2", lora_a2, (e, r, h), ("f32", "f16"))
+        self._check_weight(name, "lora_b2", lora_b2, 3, "(E, D, r)")
+        d = lora_b2.shape[1]
+        self._check_const(name, "lora_b2", lora_b2, (e, d, r), ("f32", "f16"))
+        if b2 is not None:
+            self._check_const(name, "b2", b2, (d,))
+        if scale is not None:
+            self._check_const(name, "scale", scale, (d,))
+        if residual is not None:
+            self._check_tokens(name, "residual", residual, u, last=d)
+        if lora_scale is None:
+            raise ValueError("node %r: lora_scale (s) is required" % name)
+        lora_scale = float(lora_scale)
+        if not np.isfinite(lora_scale):
+            raise ValueError("node %r: lora_scale %r is not finite" % (name, lora_scale))
+        activation = self._activation(name, activation, MOE_ACTIVATIONS, (1, 2))
+        lead = list(u.shape[:-1])
+        return tuple(self._node_multi(
+            "moe_lora_mix", name,
+            [u, a1, ids, gates, lora_b1, lora_a2, lora_b2, b2, scale, residual],
+            [("hbar", "f32", lead + [h]), ("c", "f32", lead + [d])],
+            {"lora_scale": lora_scale, "activation": activation}))
 
     # -- graph outputs and metadata --
     def output(self, tensor, name=None):
@@ -530,6 +860,22 @@ class Builder:
         self.outputs.append(tensor.index)
         return tensor
 
+    def output_later(self, tensor, name):
+        """Queues tensor as a graph output named name, marked by flush_outputs() (the exporter
+        calls it after the model's own outputs, so converters can add e.g. routing statistics
+        after them; writer() flushes what is left)."""
+        self._check_tensor(tensor, name, "output")
+        self._pending_outputs.append((tensor, name))
+
+    def flush_outputs(self):
+        pending, self._pending_outputs = self._pending_outputs, []
+        out = []
+        for tensor, name in pending:
+            if self.has_tensor(name) and self.get_tensor(name).role == "output":
+                name = self.unique_tensor_name(name)
+            out.append(self.output(tensor, name))
+        return out
+
     def _rename(self, t, new):
         del self._tensor_names[t.name]
         t.name = new
@@ -540,6 +886,7 @@ class Builder:
 
     # -- serialization --
     def writer(self):
+        self.flush_outputs()
         w = fmt.GraphWriter()
         for t in self.tensors:
             if t.role == "input":

@@ -1,14 +1,18 @@
 """PyTorch -> .vkg exporter built on torch.fx (stable APIs only: Tracer, GraphModule, Node,
 ShapeProp).
 
-    vkg.export(module, example_inputs, path, dynamic_batch=True, metadata=None) -> Builder
+    vkg.export(module, example_inputs, path, dynamic_batch=True, metadata=None, fp16=False,
+               moe_stats=False, moe_routing=False, moe_variant=None) -> Builder
     vkg.register_converter(ModuleClass, fn)   # fn(builder, module, input_tensors, name)
 
 Modules with a registered converter are leaves of the trace (their forward is never traced), so
-modules that tracing cannot follow (data-dependent routing, e.g. MoE) can still be exported.
+modules that tracing cannot follow (data-dependent routing, e.g. MoE) can still be exported; a
+root module with a converter is converted directly. Converters read the export's options with
+export_options() (vkg.moe's converters: fp16, moe_stats, moe_routing, moe_variant).
 """
 
 import builtins
+import inspect
 import operator
 import sys
 import types
@@ -24,6 +28,13 @@ from .builder import Builder, Tensor
 from .errors import ExportError
 
 _CONVERTERS = {}
+_OPTIONS = []     # a stack of the running exports' options (export_options())
+
+
+def export_options():
+    """The options of the export now running (a dict; empty outside vkg.export): fp16,
+    moe_stats, moe_routing, moe_variant, dynamic_batch."""
+    return dict(_OPTIONS[-1]) if _OPTIONS else {}
 
 
 def register_converter(module_class, fn):
@@ -131,10 +142,11 @@ _FLOAT_DT = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16",
 
 
 class _Converter:
-    def __init__(self, gm, builder, dynamic_batch):
+    def __init__(self, gm, builder, dynamic_batch, fp16=False):
         self.gm = gm
         self.b = builder
         self.dynamic = dynamic_batch
+        self.fp16 = fp16
         self.env = {}
         self.ex_shape = {}      # builder tensor index -> example shape (tuple of ints)
         self.const_by_id = {}   # id(torch tensor) -> builder constant
@@ -334,6 +346,7 @@ class _Converter:
             if not isinstance(o, Tensor):
                 self.fail("output %r is %r, not a tensor" % (name, type(o).__name__))
         results = [self.b.output(o, name) for name, o in pairs]
+        self.b.flush_outputs()   # outputs converters queued (e.g. MoE routing statistics)
         return results
 
     # -- shared op helpers --
@@ -450,7 +463,7 @@ class _Converter:
 # ---- modules ----
 
 def _m_linear(c, m, path, x):
-    w = c.const(path + ".weight", m.weight, "keep")
+    w = c.const(path + ".weight", m.weight, "f16" if c.fp16 else "keep")
     b = c.const(path + ".bias", m.bias) if m.bias is not None else None
     return c.b.linear(c.tensor_arg(x), w, b, name=path)
 
@@ -657,11 +670,59 @@ def trace(module):
     return torch.fx.GraphModule(tracer.root, graph, type(module).__name__)
 
 
-def export(module, example_inputs, path=None, dynamic_batch=True, metadata=None):
+def _export_root_converter(module, conv, example_inputs, dynamic_batch):
+    """A root module with a registered converter: inputs named after forward's parameters."""
+    b = Builder()
+    params = [p for p in inspect.signature(module.forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    inputs = []
+    for i, ex in enumerate(example_inputs):
+        if not isinstance(ex, torch.Tensor) or ex.dtype != torch.float32:
+            raise ExportError("%s: example input %d must be a float32 tensor"
+                              % (type(module).__name__, i))
+        name = params[i].name if i < len(params) else "input%d" % i
+        shape = list(ex.shape)
+        if dynamic_batch and shape:
+            shape[0] = "batch"
+        inputs.append(b.input(name, shape))
+    try:
+        out = conv(b, module, inputs, "")
+    except ValueError as e:  # a Builder check
+        raise ExportError("converter for %s: %s" % (type(module).__name__, e)) from e
+    with torch.no_grad():
+        want = module(*example_inputs)
+    if isinstance(out, Tensor):
+        pairs, want = [("output", out)], [want]
+    else:
+        pairs = [("output%d" % i, o) for i, o in enumerate(out)]
+    for (name, o), w in zip(pairs, want):
+        if not isinstance(o, Tensor) or o.builder is not b:
+            raise ExportError("converter for %s returned %r, not a tensor of the builder"
+                              % (type(module).__name__, o))
+        shape = tuple(w.shape)
+        if o.rank != len(shape) or any(isinstance(d, int) and d != s
+                                       for d, s in zip(o.shape, shape)):
+            raise ExportError("converter for %s: output %s has shape %s, PyTorch ran %s"
+                              % (type(module).__name__, name, list(o.shape), list(shape)))
+        b.output(o, name)
+    b.flush_outputs()
+    return b
+
+
+def export(module, example_inputs, path=None, dynamic_batch=True, metadata=None, fp16=False,
+           moe_stats=False, moe_routing=False, moe_variant=None):
     """Exports module to a .vkg file at path (skipped when path is None); returns the Builder.
 
     example_inputs: a tensor or a tuple of tensors (float32) in forward's parameter order.
     dynamic_batch: the inputs' first dim becomes the symbol "batch".
+    fp16: store the weight matrices of nn.Linear modules and of the MoE converters as f16
+    (biases, norms, routers stay f32).
+    moe_stats: every vkg.moe module adds its routing statistics as graph outputs
+    "<module path>.counts", ".fraction", ".mean_score", ".load_balance", ".z_loss" (after the
+    model's outputs; a module's `vkg_stats` attribute, when not None, overrides this);
+    moe_routing: likewise "<module path>.ids" (i32) and ".gates" (`vkg_routing`).
+    moe_variant: how MoELoRAFFN is exported: "shared_base" (default) or "naive" (a module's
+    `vkg_variant` attribute overrides it). See docs/moe.md.
     """
     from . import __version__
     if not isinstance(module, nn.Module):
@@ -669,23 +730,35 @@ def export(module, example_inputs, path=None, dynamic_batch=True, metadata=None)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     example_inputs = tuple(example_inputs)
+    if moe_variant not in (None, "shared_base", "naive"):
+        raise ValueError("moe_variant=%r: expected 'shared_base' or 'naive'" % (moe_variant,))
     with torch.no_grad():
         try:
             module(*example_inputs)
         except Exception as e:
             raise ExportError("running %s on the example inputs failed: %s: %s"
                               % (type(module).__name__, type(e).__name__, e)) from e
-    gm = trace(module)
-    with torch.no_grad():
-        try:
-            ShapeProp(gm).propagate(*example_inputs)
-        except ExportError:
-            raise
-        except Exception as e:
-            raise ExportError("running %s on the example inputs failed: %s: %s"
-                              % (type(module).__name__, type(e).__name__, e)) from e
-        b = Builder()
-        _Converter(gm, b, dynamic_batch).run(example_inputs)
+    _OPTIONS.append(dict(fp16=bool(fp16), moe_stats=bool(moe_stats),
+                         moe_routing=bool(moe_routing), moe_variant=moe_variant,
+                         dynamic_batch=bool(dynamic_batch)))
+    try:
+        root_conv = _find_converter(type(module))
+        if root_conv is not None:
+            b = _export_root_converter(module, root_conv, example_inputs, dynamic_batch)
+        else:
+            gm = trace(module)
+            with torch.no_grad():
+                try:
+                    ShapeProp(gm).propagate(*example_inputs)
+                except ExportError:
+                    raise
+                except Exception as e:
+                    raise ExportError("running %s on the example inputs failed: %s: %s"
+                                      % (type(module).__name__, type(e).__name__, e)) from e
+                b = Builder()
+                _Converter(gm, b, dynamic_batch, fp16=fp16).run(example_inputs)
+    finally:
+        _OPTIONS.pop()
     b.metadata("producer", "vkg.export %s" % __version__)
     b.metadata("model_name", type(module).__name__)
     b.metadata("exporter_version", __version__)

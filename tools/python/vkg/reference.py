@@ -4,6 +4,11 @@ Computes in float64 by default (compute_dtype=np.float32 to mimic the device), b
 symbolic dims from the given arrays, and checks every recorded dim of every tensor against what it
 computes (fixed dims must match, named symbols must equal their bound size, '' is unchecked).
 Used to test the exporter independently of the C runtime.
+
+i32 tensors (the MoE routing ids) stay int32 arrays. Nodes may have several outputs (moe_router,
+moe_lora_mix). The MoE ops follow docs/graph-format.md: moe_router selects its top-k on the logits
+rounded to float32 (what the device compares; ties go to the lower column), counts are exact
+integers, every per-token sum runs over the slots in ascending expert id.
 """
 
 import math
@@ -53,24 +58,42 @@ def run(graph, inputs, compute_dtype=np.float64):
         t = graph.tensors[i]
         if t.name not in inputs:
             raise ValueError("input %r not given" % t.name)
-        arr = np.asarray(inputs[t.name]).astype(compute_dtype)
+        arr = np.asarray(inputs[t.name])
+        if t.dtype == "i32":
+            if arr.dtype.kind not in "iu" or (arr.size and (arr.min() < -2 ** 31
+                                                             or arr.max() >= 2 ** 31)):
+                raise ValueError("input %r is i32; got %s values" % (t.name, arr.dtype))
+            arr = arr.astype(np.int32)
+        else:
+            arr = arr.astype(compute_dtype)
         _check_dims(t, arr, symbols, bind=True)
         vals[i] = arr
     for t in graph.tensors:
         if t.role == "constant":
-            vals[t.index] = np.asarray(t.data).astype(compute_dtype)
+            vals[t.index] = np.asarray(t.data).astype(np.int32 if t.dtype == "i32"
+                                                      else compute_dtype)
 
     for node in graph.topo_order():
         x = [None if i is None else vals[i] for i in node.inputs]
         y = _eval(node, x, compute_dtype)
-        t = graph.tensors[node.outputs[0]]
-        _check_dims(t, y, symbols, bind=False)
-        vals[node.outputs[0]] = y
+        ys = list(y) if isinstance(y, (tuple, list)) else [y]
+        if len(ys) < len(node.outputs):
+            raise FormatError("node %r (%s): %d outputs, the op gives %d"
+                              % (node.name, node.op, len(node.outputs), len(ys)))
+        for i, arr in zip(node.outputs, ys):
+            t = graph.tensors[i]
+            if (t.dtype == "i32") != (arr.dtype == np.int32):
+                raise FormatError("tensor %r: recorded %s, node %r computes %s"
+                                  % (t.name, t.dtype, node.name, arr.dtype))
+            _check_dims(t, arr, symbols, bind=False)
+            vals[i] = arr
     return {graph.tensors[i].name: vals[i] for i in graph.outputs}
 
 
 def _eval(node, x, dt):
     op, a = node.op, node.attrs
+    if op not in _I32_OPS and any(v is not None and v.dtype == np.int32 for v in x):
+        raise FormatError("node %r: %s of an i32 tensor" % (node.name, op))
 
     def need(n_min, n_max=None):
         n_max = n_min if n_max is None else n_max
@@ -78,13 +101,15 @@ def _eval(node, x, dt):
             raise FormatError("node %r (%s): %d inputs" % (node.name, op, len(x)))
 
     if op == "linear":
-        need(2, 5)
+        need(2, 7)
         inp, w = x[0], x[1]
         if w.ndim != 2 or inp.shape[-1] != w.shape[1]:
             raise FormatError("node %r: x %s and weight %s" % (node.name, inp.shape, w.shape))
         y = inp @ w.T
         if len(x) > 2 and x[2] is not None:
             y = y + x[2]
+        if len(x) > 5:
+            y = y + _lora_term(node, inp, x[5], x[6] if len(x) > 6 else None, a)
         act = a.get("activation", 0)
         if act == 1:
             y = np.maximum(y, 0)
@@ -268,8 +293,280 @@ def _eval_slice(node, x, a, dt):
         raise FormatError("node %r: slice [%d, %d) of a dim of size %d" % (node.name, start, end, d))
     idx = [slice(None)] * v.ndim
     idx[axis] = slice(s, e)
-    return np.ascontiguousarray(v[tuple(idx)]).astype(dt)
+    out = np.ascontiguousarray(v[tuple(idx)])
+    return out if v.dtype == np.int32 else out.astype(dt)
 
 
 _EXTRA_OPS = {"attention": _eval_attention, "patchify": _eval_patchify,
               "insert_tokens": _eval_insert_tokens, "slice": _eval_slice}
+
+
+# -- LoRA inputs of linear, Mixture-of-Experts ops ----------------------------------------------
+
+def _lora_term(node, inp, la, lb, a):
+    """sum_a s_a (x A_a^T) B_a^T for linear's lora_a (R, K), lora_b (N, R) inputs."""
+    if la is None or lb is None:
+        raise FormatError("node %r: lora_a and lora_b must be both given" % node.name)
+    r = la.shape[0] if la.ndim == 2 else -1
+    if la.ndim != 2 or lb.ndim != 2 or la.shape[1] != inp.shape[-1] or lb.shape[1] != r:
+        raise FormatError("node %r: lora_a %s, lora_b %s for x %s"
+                          % (node.name, la.shape, lb.shape, inp.shape))
+    if "lora_scale" not in a:
+        raise FormatError("node %r: LoRA inputs without lora_scale" % node.name)
+    scales = a["lora_scale"]
+    scales = list(scales) if isinstance(scales, (list, tuple)) else [scales]
+    ranks = list(a.get("lora_ranks", [r]))
+    if len(scales) != len(ranks) or any(q < 1 for q in ranks) or sum(ranks) != r:
+        raise FormatError("node %r: lora_scale %s / lora_ranks %s do not fit R=%d"
+                          % (node.name, scales, ranks, r))
+    out, o = 0, 0
+    for s, q in zip(scales, ranks):
+        out = out + s * ((inp @ la[o:o + q].T) @ lb[:, o:o + q].T)
+        o += q
+    return out
+
+
+def _softmax_rows(z):
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _sigmoid(z):
+    e = np.exp(-np.abs(z))
+    return np.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+def _logsumexp_rows(z):
+    m = z.max(axis=-1)
+    return m + np.log(np.exp(z - m[:, None]).sum(axis=-1))
+
+
+def _act(v, activation):
+    if activation == 1:
+        return np.maximum(v, 0)
+    if activation == 2:
+        return gelu(v)
+    raise ValueError("activation %r" % (activation,))
+
+
+def moe_router_ref(x, weight, bias=None, k=1, first=0, score="softmax", gates="softmax_topk",
+                   renorm=0, scale=1.0, temperature=1.0, dtype=np.float64):
+    """The moe_router op on NumPy arrays: returns (ids (..., k) int32, gates (..., k), counts
+    (C-first), fraction (C-first), mean_score (C), load_balance (1,), z_loss (1,)).
+
+    Top-k on the logits rounded to float32 (stable: ties to the lower column); everything else in
+    dtype. With no tokens, fraction, mean_score and the losses are 0."""
+    x = np.asarray(x)
+    lead, d = x.shape[:-1], x.shape[-1]
+    c = weight.shape[0]
+    xf = x.reshape(-1, d).astype(dtype)
+    z = xf @ np.asarray(weight, dtype=dtype).T
+    if bias is not None:
+        z = z + np.asarray(bias, dtype=dtype)
+    z = (z / dtype(temperature)).astype(dtype)
+    t = z.shape[0]
+    sel = z[:, first:].astype(np.float32)
+    order = np.argsort(-sel, axis=1, kind="stable")[:, :k]
+    cols = order + first
+    sc = _softmax_rows(z) if score == "softmax" else _sigmoid(z)
+    if gates == "softmax_topk":
+        g = _softmax_rows(np.take_along_axis(z, cols, axis=1))
+    else:
+        g = np.take_along_axis(sc, cols, axis=1)
+        if renorm:
+            g = g / g.sum(axis=1, keepdims=True)
+    g = g * dtype(scale)
+    counts = np.bincount(order.ravel(), minlength=c - first).astype(dtype)
+    if t:
+        fraction = counts / dtype(t * k)
+        mean_score = sc.mean(axis=0)
+        z_loss = np.array([np.mean(_logsumexp_rows(z) ** 2)], dtype=dtype)
+    else:
+        fraction = np.zeros(c - first, dtype)
+        mean_score = np.zeros(c, dtype)
+        z_loss = np.zeros(1, dtype)
+    load_balance = np.array([c * np.sum(mean_score ** 2)], dtype=dtype)
+    return (order.astype(np.int32).reshape(lead + (k,)), g.astype(dtype).reshape(lead + (k,)),
+            counts, fraction.astype(dtype), mean_score.astype(dtype), load_balance, z_loss)
+
+
+def _slots_ascending(ids):
+    """For (T, k) ids: per sorted position j, the (T,) slot holding each token's j-th smallest id
+    (stable: equal ids keep slot order)."""
+    order = np.argsort(ids, axis=1, kind="stable")
+    return [order[:, j] for j in range(ids.shape[1])]
+
+
+def moe_experts_ref(x, ids, gates, w1, w2, b1=None, b2=None, w3=None, residual=None,
+                    activation=2, dtype=np.float64):
+    """The moe_experts op on NumPy arrays (activation 1 relu, 2 gelu, 3 swiglu)."""
+    lead, d = x.shape[:-1], x.shape[-1]
+    k = ids.shape[-1]
+    xf = x.reshape(-1, d).astype(dtype)
+    idf = np.asarray(ids).reshape(-1, k)
+    gf = np.asarray(gates, dtype=dtype).reshape(-1, k)
+    n_tok, n_exp = xf.shape[0], w1.shape[0]
+    y = (np.zeros((n_tok, d), dtype) if residual is None
+         else np.array(residual, dtype=dtype).reshape(-1, d))
+    rows = np.arange(n_tok)
+    for col in _slots_ascending(idf):
+        e_j, g_j = idf[rows, col], gf[rows, col]
+        for e in np.unique(e_j):
+            if not 0 <= e < n_exp:
+                continue
+            m = e_j == e
+            xm = xf[m]
+            pre = xm @ w1[e].T
+            if b1 is not None:
+                pre = pre + b1[e]
+            if activation == 3:
+                h = pre * _sigmoid(pre) * (xm @ w3[e].T)
+            else:
+                h = _act(pre, activation)
+            o = h @ w2[e].T
+            if b2 is not None:
+                o = o + b2[e]
+            y[m] += g_j[m, None] * o
+    return y.reshape(lead + (d,)).astype(dtype)
+
+
+def moe_lora_mix_ref(u, a1, ids, gates, lora_b1, lora_a2, lora_b2, b2=None, scale=None,
+                     residual=None, lora_scale=1.0, activation=2, dtype=np.float64):
+    """The moe_lora_mix op on NumPy arrays: returns (hbar (..., H), c (..., D))."""
+    n_exp, h_dim, r = lora_b1.shape
+    d = lora_b2.shape[1]
+    lead = u.shape[:-1]
+    k = ids.shape[-1]
+    uf = u.reshape(-1, h_dim).astype(dtype)
+    af = a1.reshape(-1, n_exp * r).astype(dtype)
+    idf = np.asarray(ids).reshape(-1, k)
+    gf = np.asarray(gates, dtype=dtype).reshape(-1, k)
+    n_tok = uf.shape[0]
+    s = dtype(lora_scale)
+    hbar = np.zeros((n_tok, h_dim), dtype)
+    acc = np.zeros((n_tok, d), dtype)
+    gsum = np.zeros(n_tok, dtype)
+    rows = np.arange(n_tok)
+    for col in _slots_ascending(idf):
+        e_j, g_j = idf[rows, col], gf[rows, col]
+        for e in np.unique(e_j):
+            if not 0 <= e < n_exp:
+                continue
+            m = e_j == e
+            g = g_j[m, None]
+            h = _act(uf[m] + s * (af[m, e * r:(e + 1) * r] @ lora_b1[e].T), activation)
+            hbar[m] += g * h
+            acc[m] += g * (s * ((h @ lora_a2[e].T) @ lora_b2[e].T))
+            gsum[m] += g[:, 0]
+    c = acc
+    if b2 is not None:
+        c = c + gsum[:, None] * b2
+    if scale is not None:
+        c = c * scale
+    if residual is not None:
+        c = c + residual.reshape(-1, d)
+    return hbar.reshape(lead + (h_dim,)).astype(dtype), c.reshape(lead + (d,)).astype(dtype)
+
+
+def _moe_inputs(node, x, names, required):
+    """names: the op's inputs in order, those in `required` must be present."""
+    v = dict(zip(names, list(x) + [None] * (len(names) - len(x))))
+    if len(x) > len(names) or any(v[n] is None for n in required):
+        raise FormatError("node %r (%s): %d inputs, expected (%s) with %s present"
+                          % (node.name, node.op, len(x), ", ".join(names), ", ".join(required)))
+    return v
+
+
+def _check_routing(node, lead, ids, gates):
+    if ids.dtype != np.int32 or ids.ndim != len(lead) + 1 or ids.shape[:-1] != lead:
+        raise FormatError("node %r: ids %s %s do not fit tokens %s"
+                          % (node.name, ids.dtype, ids.shape, lead))
+    if gates.shape != ids.shape:
+        raise FormatError("node %r: gates %s, ids %s" % (node.name, gates.shape, ids.shape))
+
+
+def _eval_moe_router(node, x, a, dt):
+    v = _moe_inputs(node, x, ("x", "weight", "bias"), ("x", "weight"))
+    xx, w, b = v["x"], v["weight"], v["bias"]
+    if xx.ndim < 1 or w.ndim != 2 or xx.shape[-1] != w.shape[1]:
+        raise FormatError("node %r: x %s, weight %s" % (node.name, xx.shape, w.shape))
+    c = w.shape[0]
+    if b is not None and b.shape != (c,):
+        raise FormatError("node %r: bias %s, expected (%d,)" % (node.name, b.shape, c))
+    if "k" not in a:
+        raise FormatError("node %r: moe_router without k" % node.name)
+    k, first = int(a["k"]), int(a.get("first", 0))
+    if not 0 <= first < c or not 1 <= k <= c - first:
+        raise FormatError("node %r: k=%d, first=%d with C=%d" % (node.name, k, first, c))
+    score, gates = a.get("score", "softmax"), a.get("gates", "softmax_topk")
+    if score not in ("softmax", "sigmoid") or gates not in ("softmax_topk", "score"):
+        raise FormatError("node %r: score=%r, gates=%r" % (node.name, score, gates))
+    renorm = int(a.get("renorm", 0))
+    temperature = float(a.get("temperature", 1.0))
+    if renorm not in (0, 1) or not temperature > 0:
+        raise FormatError("node %r: renorm=%r, temperature=%r" % (node.name, renorm, temperature))
+    n_out = len(node.outputs)
+    if not 2 <= n_out <= 7:
+        raise FormatError("node %r: moe_router has %d outputs (2..7)" % (node.name, n_out))
+    return moe_router_ref(xx, w, b, k, first, score, gates, renorm, float(a.get("scale", 1.0)),
+                          temperature, dtype=dt)[:n_out]
+
+
+def _eval_moe_experts(node, x, a, dt):
+    v = _moe_inputs(node, x, ("x", "ids", "gates", "w1", "b1", "w2", "b2", "w3", "residual"),
+                    ("x", "ids", "gates", "w1", "w2"))
+    xx, w1, w2 = v["x"], v["w1"], v["w2"]
+    act = a.get("activation")
+    if act not in (1, 2, 3):
+        raise FormatError("node %r: moe_experts activation %r (1, 2 or 3 required)"
+                          % (node.name, act))
+    if w1.ndim != 3 or xx.shape[-1] != w1.shape[2]:
+        raise FormatError("node %r: x %s, w1 %s" % (node.name, xx.shape, w1.shape))
+    e, h, d = w1.shape
+    want = {"w2": (e, d, h), "b1": (e, h), "b2": (e, d), "w3": (e, h, d),
+            "residual": xx.shape}
+    for key, shape in want.items():
+        if v[key] is not None and v[key].shape != shape:
+            raise FormatError("node %r: %s %s, expected %s" % (node.name, key, v[key].shape,
+                                                               shape))
+    if (act == 3) != (v["w3"] is not None):
+        raise FormatError("node %r: w3 is required with swiglu (3) and only then" % node.name)
+    _check_routing(node, xx.shape[:-1], v["ids"], v["gates"])
+    return moe_experts_ref(xx, v["ids"], v["gates"], w1, w2, v["b1"], v["b2"], v["w3"],
+                           v["residual"], act, dtype=dt)
+
+
+def _eval_moe_lora_mix(node, x, a, dt):
+    v = _moe_inputs(node, x, ("u", "a1", "ids", "gates", "lora_b1", "lora_a2", "lora_b2", "b2",
+                              "scale", "residual"),
+                    ("u", "a1", "ids", "gates", "lora_b1", "lora_a2", "lora_b2"))
+    u, b1 = v["u"], v["lora_b1"]
+    if b1.ndim != 3 or u.shape[-1] != b1.shape[1] or v["lora_b2"].ndim != 3:
+        raise FormatError("node %r: u %s, lora_b1 %s" % (node.name, u.shape, b1.shape))
+    e, h, r = b1.shape
+    d = v["lora_b2"].shape[1]
+    lead = u.shape[:-1]
+    want = {"a1": lead + (e * r,), "lora_a2": (e, r, h), "lora_b2": (e, d, r), "b2": (d,),
+            "scale": (d,), "residual": lead + (d,)}
+    for key, shape in want.items():
+        if v[key] is not None and v[key].shape != shape:
+            raise FormatError("node %r: %s %s, expected %s" % (node.name, key, v[key].shape,
+                                                               shape))
+    _check_routing(node, lead, v["ids"], v["gates"])
+    if "lora_scale" not in a:
+        raise FormatError("node %r: moe_lora_mix without lora_scale" % node.name)
+    act = a.get("activation", 2)
+    if act not in (1, 2):
+        raise FormatError("node %r: moe_lora_mix activation %r (1 or 2)" % (node.name, act))
+    if len(node.outputs) != 2:
+        raise FormatError("node %r: moe_lora_mix has %d outputs (2)" % (node.name,
+                                                                      len(node.outputs)))
+    return moe_lora_mix_ref(u, v["a1"], v["ids"], v["gates"], b1, v["lora_a2"], v["lora_b2"],
+                            v["b2"], v["scale"], v["residual"], float(a["lora_scale"]), act,
+                            dtype=dt)
+
+
+_EXTRA_OPS.update({"moe_router": _eval_moe_router, "moe_experts": _eval_moe_experts,
+                   "moe_lora_mix": _eval_moe_lora_mix})
+_I32_OPS = {"moe_router", "moe_experts", "moe_lora_mix", "reshape", "slice"}
+
