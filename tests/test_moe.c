@@ -439,6 +439,100 @@ static int test_lora_linear(vkg_context *ctx)
     return 0;
 }
 
+/* ---- malformed graphs: each refused at load time with a message naming the node and the fault ---- */
+
+typedef struct bad_case {
+    const char *what, *msg;
+    int kind; /* 0 router, 1 experts, 2 lora_mix, 3 linear LoRA */
+    int k, first, act, drop_w3, ids_f32, a1_cols, ranks_sum, nscales, router_cols, f16_x;
+} bad_case;
+
+static int try_bad(vkg_context *ctx, const bad_case *c)
+{
+    static float wbuf[64 * 64 * 16];
+    gb b;
+    vkg_writer_create(&b.w);
+    uint32_t none = 0xFFFFFFFFu, T = 5, D = 8, E = 4, h = 6, r = 4;
+    int64_t xd[2] = {T, D}, kd[2] = {T, 2};
+    uint32_t x = tensor(&b, "x", c->f16_x ? VKG_DTYPE_F16 : VKG_DTYPE_F32, VKG_ROLE_INPUT, 2, xd, NULL);
+    if (c->kind == 0) {
+        int64_t wd[2] = {c->router_cols ? (int64_t)c->router_cols : (int64_t)E, D}, od[2] = {T, c->k};
+        uint32_t in[2] = {x, tensor(&b, "w", VKG_DTYPE_F32, VKG_ROLE_CONSTANT, 2, wd, wbuf)};
+        uint32_t out[2] = {tensor(&b, "ids", VKG_DTYPE_I32, VKG_ROLE_OUTPUT, 2, od, NULL),
+                           tensor(&b, "g", VKG_DTYPE_F32, VKG_ROLE_OUTPUT, 2, od, NULL)};
+        vkg_writer_attr at[2] = {{.name = "k", .type = VKG_ATTR_INT, .i = c->k},
+                                 {.name = "first", .type = VKG_ATTR_INT, .i = c->first}};
+        vkg_writer_add_node(b.w, "moe_router", "bad_router", in, 2, out, 2, at, 2);
+    } else if (c->kind == 1) {
+        int64_t w1d[3] = {E, h, D}, w2d[3] = {E, D, h};
+        uint32_t in[8] = {x, tensor(&b, "ids", c->ids_f32 ? VKG_DTYPE_F32 : VKG_DTYPE_I32, VKG_ROLE_INPUT, 2, kd, NULL),
+                          tensor(&b, "gates", VKG_DTYPE_F32, VKG_ROLE_INPUT, 2, kd, NULL),
+                          tensor(&b, "w1", VKG_DTYPE_F32, VKG_ROLE_CONSTANT, 3, w1d, wbuf), none,
+                          tensor(&b, "w2", VKG_DTYPE_F32, VKG_ROLE_CONSTANT, 3, w2d, wbuf), none,
+                          c->drop_w3 ? none : tensor(&b, "w3", VKG_DTYPE_F32, VKG_ROLE_CONSTANT, 3, w1d, wbuf)};
+        uint32_t out = tensor(&b, "y", VKG_DTYPE_F32, VKG_ROLE_OUTPUT, 2, xd, NULL);
+        vkg_writer_attr at = {.name = "activation", .type = VKG_ATTR_INT, .i = c->act};
+        vkg_writer_add_node(b.w, "moe_experts", "bad_experts", in, c->drop_w3 ? 6 : 8, &out, 1, &at, 1);
+    } else if (c->kind == 2) {
+        int64_t ud[2] = {T, h}, ad[2] = {T, c->a1_cols}, b1d[3] = {E, h, r}, a2d[3] = {E, r, h}, b2d[3] = {E, D, r};
+        uint32_t in[7] = {tensor(&b, "u", VKG_DTYPE_F32, VKG_ROLE_INPUT, 2, ud, NULL),
+                          tensor(&b, "a1", VKG_DTYPE_F32, VKG_ROLE_INPUT, 2, ad, NULL),
+                          tensor(&b, "ids", VKG_DTYPE_I32, VKG_ROLE_INPUT, 2, kd, NULL),
+                          tensor(&b, "gates", VKG_DTYPE_F32, VKG_ROLE_INPUT, 2, kd, NULL),
+                          tensor(&b, "b1", VKG_DTYPE_F32, VKG_ROLE_CONSTANT, 3, b1d, wbuf),
+                          tensor(&b, "a2", VKG_DTYPE_F32, VKG_ROLE_CONSTANT, 3, a2d, wbuf),
+                          tensor(&b, "b2", VKG_DTYPE_F32, VKG_ROLE_CONSTANT, 3, b2d, wbuf)};
+        uint32_t out[2] = {tensor(&b, "hbar", VKG_DTYPE_F32, VKG_ROLE_OUTPUT, 2, ud, NULL),
+                           tensor(&b, "c", VKG_DTYPE_F32, VKG_ROLE_OUTPUT, 2, xd, NULL)};
+        vkg_writer_attr at = {.name = "lora_scale", .type = VKG_ATTR_FLOAT, .f = 1.0};
+        vkg_writer_add_node(b.w, "moe_lora_mix", "bad_mix", in, 7, out, 2, &at, 1);
+    } else {
+        int64_t wd[2] = {h, D}, lad[2] = {c->ranks_sum, D}, lbd[2] = {h, c->ranks_sum}, yd[2] = {T, h};
+        uint32_t in[7] = {x, tensor(&b, "w", VKG_DTYPE_F32, VKG_ROLE_CONSTANT, 2, wd, wbuf), none, none, none,
+                          tensor(&b, "la", VKG_DTYPE_F32, VKG_ROLE_CONSTANT, 2, lad, wbuf),
+                          tensor(&b, "lb", VKG_DTYPE_F32, VKG_ROLE_CONSTANT, 2, lbd, wbuf)};
+        uint32_t out = tensor(&b, "y", VKG_DTYPE_F32, VKG_ROLE_OUTPUT, 2, yd, NULL);
+        double sc[9] = {1, 1, 1, 1, 1, 1, 1, 1, 1};
+        int64_t rk[9] = {2, 2, 2, 2, 2, 2, 2, 2, 2};
+        vkg_writer_attr at[2] = {{.name = "lora_scale", .type = VKG_ATTR_FLOATS, .count = (uint32_t)c->nscales, .floats = sc},
+                                 {.name = "lora_ranks", .type = VKG_ATTR_INTS, .count = 2, .ints = rk}};
+        vkg_writer_add_node(b.w, "linear", "bad_lora", in, 7, &out, 1, at, 2);
+    }
+    void *data = NULL;
+    size_t size = 0;
+    vkg_model *m = NULL;
+    OK(vkg_writer_to_memory(b.w, &data, &size));
+    vkg_writer_destroy(b.w);
+    vkg_status st = vkg_model_load_memory(ctx, data, size, &m);
+    free(data);
+    const char *err = vkg_last_error();
+    CHECK(st == VKG_ERROR_INVALID_GRAPH && strstr(err, c->msg), "%s: got %s: %s (want \"%s\")", c->what,
+          vkg_status_name(st), st ? err : "", c->msg);
+    if (st == VKG_ERROR_INVALID_GRAPH) printf("ok   %s: %s\n", c->what, err);
+    vkg_model_destroy(m);
+    return 0;
+}
+
+static int test_invalid(vkg_context *ctx)
+{
+    static const bad_case cases[] = {
+        {"router k above the selectable columns", "k = 4: expected 1 <= k <= 3", 0, .k = 4, .first = 1},
+        {"router first past the columns", "first = 4 outside [0, 4)", 0, .k = 1, .first = 4},
+        {"router with too many columns", "2000 router columns", 0, .k = 2, .router_cols = 2000},
+        {"router on f16 activations", "expected f32", 0, .k = 2, .f16_x = 1},
+        {"experts swiglu without w3", "swiglu (activation 3) needs w3", 1, .act = 3, .drop_w3 = 1},
+        {"experts w3 without swiglu", "w3 is given but the activation is not swiglu", 1, .act = 2},
+        {"experts unknown activation", "activation 7", 1, .act = 7},
+        {"experts ids as f32", "expected i32", 1, .act = 3, .ids_f32 = 1},
+        {"lora_mix a1 of the wrong width", "expected E * r = 16", 2, .a1_cols = 12},
+        {"LoRA ranks that do not sum to R", "lora_ranks sum to 4; lora_a has 5 rows", 3, .ranks_sum = 5, .nscales = 2},
+        {"LoRA scales and ranks disagree", "lora_ranks has 2 entries and lora_scale 3", 3, .ranks_sum = 4, .nscales = 3},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
+        if (try_bad(ctx, &cases[i])) return 1;
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     const char *op = argc > 1 ? argv[1] : "";
@@ -452,8 +546,9 @@ int main(int argc, char **argv)
     else if (!strcmp(op, "large")) r = test_large(ctx);
     else if (!strcmp(op, "lora_mix")) r = test_lora_mix(ctx);
     else if (!strcmp(op, "lora_linear")) r = test_lora_linear(ctx);
+    else if (!strcmp(op, "invalid")) r = test_invalid(ctx);
     else {
-        fprintf(stderr, "usage: test_moe router|experts|large|lora_mix|lora_linear [--inject-fault]\n");
+        fprintf(stderr, "usage: test_moe router|experts|large|lora_mix|lora_linear|invalid [--inject-fault]\n");
         return 2;
     }
     int f = h_finish(ctx, op);
