@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # bench/peers.sh [--runs N] [--warmup N] [--seed S] [--json FILE] [--attention] [--peers-only]
 #                      [--no-build] [--rebuild-venv]
+# bench/peers.sh --decoder [--runs N] [--vkg-runs N] [--batches 1,8] [--json FILE] [--no-build]
+#   the Transfuser decoder instead (bench/peers/decoder.py): dense nn.TransformerDecoder in ncnn Vulkan,
+#   onnxruntime and PyTorch against vkg's MoE decoder, p50/p99, dispatches and barriers per run.
 #
 # DINOv2 ViT-S/14 (224x224, batch 1, fp32, random weights from a fixed seed) timed on this machine in one
 # run: ncnn Vulkan fp32 (pnnx-converted; lavapipe), onnxruntime CPU, PyTorch CPU (Debian's torch 1.13) and
@@ -21,8 +24,10 @@ die() { echo "peers.sh: ERROR: $*" >&2; exit 1; }
 
 args=()
 no_build=0
+driver=run.py
 for a in "$@"; do
     case $a in
+        --decoder) driver=decoder.py ;;
         --rebuild-venv) rm -rf "$venv" ;;
         --no-build) no_build=1 ;;
         -h|--help) sed -n '2,10p' "$0"; exec "$py" "$root/bench/peers/run.py" --help ;;
@@ -64,4 +69,4 @@ if [[ " ${args[*]-} " != *" --peers-only "* && " ${args[*]-} " != *" --attention
 fi
 
 cd "$root"
-exec "$venv/bin/python" "$root/bench/peers/run.py" ${args[@]+"${args[@]}"}
+exec "$venv/bin/python" "$root/bench/peers/$driver" ${args[@]+"${args[@]}"}

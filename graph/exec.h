@@ -33,5 +33,7 @@ const vkg_graph *vkg_model_graph(const vkg_model *m);
 void vkg_ir_tensor_info(const vkg_ir_tensor *t, vkg_tensor_info *out);
 /* FLOP estimate of one run at the session's shapes (matmul multiply-adds x 2). */
 double vkg_session_flops(const vkg_session *s);
+/* Memory barriers the recorded command buffer holds (one run replays them all). */
+uint32_t vkg_session_barrier_count(const vkg_session *s);
 
 #endif

@@ -253,8 +253,8 @@ static vkg_status gelu_record(vkg_cmd *cmd, const vkg_ir_node *n, const vkg_rt_t
 
 static vkg_status relu_record(vkg_cmd *cmd, const vkg_ir_node *n, const vkg_rt_tensor *const *in, const vkg_rt_tensor *out)
 {
-    (void)n;
-    return vkg_unary(cmd, VKG_ACT_RELU, in[0]->ref, out->ref, vkg_shape_numel(&out->shape));
+    vkg_act a = !strcmp(n->op, "tanh") ? VKG_ACT_TANH : !strcmp(n->op, "sigmoid") ? VKG_ACT_SIGMOID : VKG_ACT_RELU;
+    return vkg_unary(cmd, a, in[0]->ref, out->ref, vkg_shape_numel(&out->shape));
 }
 
 /* ---- add, mul ---- */
@@ -669,6 +669,10 @@ static const vkg_op_def ops[] = {
     {.name = "gelu", .min_inputs = 1, .max_inputs = 1, .min_outputs = 1, .max_outputs = 1, .attrs = gelu_attrs,
      .validate = gelu_validate, .infer = same_infer, .record = gelu_record, .flops = NULL},
     {.name = "relu", .min_inputs = 1, .max_inputs = 1, .min_outputs = 1, .max_outputs = 1, .attrs = no_attrs,
+     .validate = NULL, .infer = same_infer, .record = relu_record, .flops = NULL},
+    {.name = "tanh", .min_inputs = 1, .max_inputs = 1, .min_outputs = 1, .max_outputs = 1, .attrs = no_attrs,
+     .validate = NULL, .infer = same_infer, .record = relu_record, .flops = NULL},
+    {.name = "sigmoid", .min_inputs = 1, .max_inputs = 1, .min_outputs = 1, .max_outputs = 1, .attrs = no_attrs,
      .validate = NULL, .infer = same_infer, .record = relu_record, .flops = NULL},
     {.name = "add", .min_inputs = 2, .max_inputs = 2, .min_outputs = 1, .max_outputs = 1, .attrs = no_attrs,
      .validate = binary_validate, .infer = binary_infer, .record = binary_record, .flops = NULL},

@@ -362,6 +362,7 @@ vkg_status vkg_session_get_output(vkg_session *s, const char *name, void *data, 
 uint64_t vkg_session_planned_bytes(const vkg_session *s) { return s ? s->planned : 0; }
 uint64_t vkg_session_unshared_bytes(const vkg_session *s) { return s ? s->unshared : 0; }
 uint32_t vkg_session_dispatch_count(const vkg_session *s) { return s ? s->n_dispatch : 0; }
+uint32_t vkg_session_barrier_count(const vkg_session *s) { return s && s->cmd ? vkg_cmd_barrier_count(s->cmd) : 0; }
 double vkg_session_flops(const vkg_session *s) { return s ? s->flops : 0; }
 
 vkg_status vkg_session_profile(const vkg_session *s, uint32_t i, const char **node, const char **op, double *ns)

@@ -30,12 +30,17 @@ float vkg_gelu(float x) { return 0.5 * x * (1.0 + vkg_erf(x * 0.7071067811865475
 #define ACT_RELU 1u
 #define ACT_GELU 2u
 #define ACT_SILU 3u
+#define ACT_TANH 4u    // elementwise ops only (the matmul epilogue encodes codes 0-3)
+#define ACT_SIGMOID 5u
 
 float vkg_act(float v, uint act)
 {
     if (act == ACT_RELU) return max(v, 0.0);
     if (act == ACT_GELU) return vkg_gelu(v);
     if (act == ACT_SILU) return v / (1.0 + exp(-v));
+    // tanh through exp of a non-positive argument: GLSL's tanh may overflow to NaN for |v| > ~44
+    if (act == ACT_TANH) { float e = exp(-2.0 * abs(v)); return sign(v) * (1.0 - e) / (1.0 + e); }
+    if (act == ACT_SIGMOID) { float e = exp(-abs(v)); return v >= 0.0 ? 1.0 / (1.0 + e) : e / (1.0 + e); }
     return v;
 }
 

@@ -1,6 +1,6 @@
 #version 450
 #extension GL_GOOGLE_include_directive : require
-// Elementwise activations (ReLU, erf-GELU) over a flat tensor.
+// Elementwise activations (ReLU, erf-GELU, SiLU, tanh, sigmoid) over a flat tensor.
 #include "common.glsl"
 
 layout(local_size_x_id = 0) in;

@@ -10,6 +10,9 @@ static double act_d(double v, int act)
 {
     if (act == 1) return v > 0 ? v : 0;
     if (act == 2) return ref_gelu(v);
+    if (act == 3) return v / (1.0 + exp(-v));
+    if (act == 4) return tanh(v);
+    if (act == 5) return 1.0 / (1.0 + exp(-v));
     return v;
 }
 

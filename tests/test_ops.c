@@ -408,11 +408,12 @@ static int test_unary(vkg_context *ctx)
     /* The largest size needs more than 65535 workgroups in x: it exercises the 2D grid split. */
     static const uint64_t sizes[] = {1, 7, 256, 257, 1000, 65537, 16777216 + 300};
     for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++)
-        for (int act = 1; act <= 2; act++) {
+        for (int act = 1; act <= 5; act++) {
             uint64_t n = sizes[i];
-            if (act == 2 && n > 1000000) continue; /* one huge case is enough; relu's reference is cheap */
+            if (act >= 2 && n > 1000000) continue; /* one huge case is enough; relu's reference is cheap */
             float *x = malloc(n * 4), *want = malloc(n * 4);
-            h_fill(x, n, (uint32_t)i + 11, -6.0f, 6.0f);
+            /* wide enough to reach tanh's and sigmoid's saturation, where naive formulas overflow */
+            h_fill(x, n, (uint32_t)i + 11, act >= 4 ? -60.0f : -6.0f, act >= 4 ? 60.0f : 6.0f);
             ref_unary(x, want, n, act);
             vkg_buf *bx = h_upload(ctx, x, n * 4), *by;
             OK(vkg_buf_create(ctx, n * 4, &by));
@@ -423,8 +424,9 @@ static int test_unary(vkg_context *ctx)
             float *got = h_download(by, n);
             h_maybe_fault(got, n);
             char what[64];
-            snprintf(what, sizeof what, "%s n=%llu", act == 1 ? "relu" : "gelu", (unsigned long long)n);
-            /* ReLU is exact; erf-GELU within 1e-6 of the double-precision reference. */
+            static const char *an[6] = {"", "relu", "gelu", "silu", "tanh", "sigmoid"};
+            snprintf(what, sizeof what, "%s n=%llu", an[act], (unsigned long long)n);
+            /* ReLU is exact; the others within 1e-6 (absolute and relative) of the double reference. */
             h_compare(what, got, want, NULL, n, act == 1 ? 0.0 : 1e-6, act == 1 ? 0.0 : 1e-6);
             free(got);
             vkg_cmd_destroy(cmd);

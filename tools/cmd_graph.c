@@ -338,7 +338,9 @@ int vkg_cmd_bench_graph(int argc, char **argv)
     if (s == VKG_SUCCESS) {
         qsort(t, (size_t)o.runs, sizeof *t, cmp_d);
         printf("%s on %s: %d runs after %d warm-up\n", o.file, vkg_context_device_info(ctx)->name, o.runs, o.warmup);
-        printf("latency  median %.3f ms  p90 %.3f ms  min %.3f ms\n", pct(t, o.runs, 50), pct(t, o.runs, 90), t[0]);
+        printf("latency  median %.3f ms  p90 %.3f ms  p99 %.3f ms  min %.3f ms\n", pct(t, o.runs, 50), pct(t, o.runs, 90),
+               pct(t, o.runs, 99), t[0]);
+        printf("per run  %u dispatches, %u barriers, 1 submit\n", nd, vkg_session_barrier_count(ss));
         double gf = vkg_session_flops(ss);
         if (gf > 0) printf("throughput %.2f GFLOP/s at the median\n", gf * 1e-9 / (pct(t, o.runs, 50) * 1e-3));
     }

@@ -5,7 +5,10 @@
 
 #include "../internal.h"
 
-typedef enum vkg_act { VKG_ACT_NONE = 0, VKG_ACT_RELU = 1, VKG_ACT_GELU = 2, VKG_ACT_SILU = 3 } vkg_act; /* = ACT_* in common.glsl */
+/* = ACT_* in common.glsl; the matmul epilogue takes codes 0-3, vkg_unary every one but NONE. */
+typedef enum vkg_act {
+    VKG_ACT_NONE = 0, VKG_ACT_RELU = 1, VKG_ACT_GELU = 2, VKG_ACT_SILU = 3, VKG_ACT_TANH = 4, VKG_ACT_SIGMOID = 5
+} vkg_act;
 
 /* A tensor's storage: a buffer and a byte offset into it. */
 typedef struct vkg_tref {
@@ -88,7 +91,7 @@ vkg_status vkg_layernorm_variant(vkg_cmd *cmd, vkg_tref x, vkg_tref gamma, vkg_t
                                  uint32_t d, float eps, int variant);
 bool vkg_layernorm_subgroup_supported(const vkg_context *ctx);
 
-/* y = act(x) elementwise over n floats (act RELU or GELU). */
+/* y = act(x) elementwise over n floats (any activation but NONE). */
 vkg_status vkg_unary(vkg_cmd *cmd, vkg_act act, vkg_tref x, vkg_tref y, uint64_t n);
 
 typedef enum vkg_binop { VKG_BIN_ADD = 0, VKG_BIN_MUL = 1 } vkg_binop;

@@ -6,8 +6,10 @@ enum { UNARY_WG = 256 };
 vkg_status vkg_unary(vkg_cmd *cmd, vkg_act act, vkg_tref x, vkg_tref y, uint64_t n)
 {
     vkg_context *ctx = vkg_cmd_context(cmd);
-    if (act != VKG_ACT_RELU && act != VKG_ACT_GELU)
-        return vkg_fail(VKG_ERROR_INVALID_ARGUMENT, "unary: activation %d is not relu or gelu", (int)act);
+    static const char *names[6] = {NULL, "relu", "gelu", "silu", "tanh", "sigmoid"};
+    if ((int)act < 1 || (int)act > 5)
+        return vkg_fail(VKG_ERROR_INVALID_ARGUMENT, "unary: activation %d is not relu, gelu, silu, tanh or sigmoid",
+                        (int)act);
     if (n > UINT32_MAX) return vkg_fail(VKG_ERROR_UNSUPPORTED, "unary: %llu elements exceed 2^32", (unsigned long long)n);
     if (!x.buf || !y.buf) return vkg_fail(VKG_ERROR_INVALID_ARGUMENT, "unary: x or y has no buffer");
     if (n == 0) return VKG_SUCCESS;
@@ -19,5 +21,5 @@ vkg_status vkg_unary(vkg_cmd *cmd, vkg_act act, vkg_tref x, vkg_tref y, uint64_t
     const vkg_pipeline *p;
     VKG_TRY(vkg_pipeline_get(ctx, &pd, &p));
     vkg_binding b[2] = {{x.buf, x.offset, n * 4, 0, false}, {y.buf, y.offset, n * 4, 0, true}};
-    return vkg_cmd_dispatch(cmd, p, b, &pc, pc.gx, gy, 1, act == VKG_ACT_RELU ? "relu" : "gelu");
+    return vkg_cmd_dispatch(cmd, p, b, &pc, pc.gx, gy, 1, names[act]);
 }

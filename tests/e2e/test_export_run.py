@@ -35,6 +35,20 @@ class MLP(nn.Module):
         return self.fc3(nn.functional.gelu(self.fc2(self.act(self.fc1(x)))))
 
 
+class Squash(nn.Module):
+    """tanh and sigmoid as modules, functions and methods, with pre-activations far into saturation
+    (naive exp formulas overflow there); the Transfuser heads' shape: tanh * pi on a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(11, 9)
+        self.t, self.s = nn.Tanh(), nn.Sigmoid()
+
+    def forward(self, x):
+        y = self.fc(x) * 40.0
+        return self.t(y) * 3.1415927 + torch.sigmoid(y) + y.tanh() * self.s(y) + torch.tanh(y).sigmoid()
+
+
 class Block(nn.Module):
     """Pre-LN residual FFN block with LayerScale, as in DINOv2 (without attention)."""
 
@@ -102,6 +116,10 @@ class ExportRun(unittest.TestCase):
     def test_mlp(self):
         torch.manual_seed(1)
         self.check(MLP().eval(), (4, 13), "x")
+
+    def test_tanh_sigmoid(self):
+        torch.manual_seed(4)
+        self.check(Squash().eval(), (3, 11), "x")
 
     def test_residual_block(self):
         torch.manual_seed(2)

@@ -25,6 +25,13 @@ _LAZY = {
     "MoEFFN": ("moe", "MoEFFN"),
     "TopKRouter": ("moe", "TopKRouter"),
     "upcycle_ffn": ("moe", "upcycle_ffn"),
+    "DeepSeekViT": ("deepseek_vit", "DeepSeekViT"),
+    "export_deepseek_vit": ("deepseek_vit", "export_deepseek_vit"),
+    "upcycle_state_dict": ("deepseek_vit", "upcycle_state_dict"),
+    "models": ("models", None),
+    "MoETransformerDecoder": ("transfuser", "MoETransformerDecoder"),
+    "MoEConfig": ("transfuser", "MoEConfig"),
+    "export_transfuser_decoder": ("transfuser", "export_transfuser_decoder"),
 }
 
 
@@ -32,7 +39,8 @@ def __getattr__(name):
     if name in _LAZY:
         import importlib
         mod, attr = _LAZY[name]
-        value = getattr(importlib.import_module("." + mod, __name__), attr)
+        module = importlib.import_module("." + mod, __name__)
+        value = module if attr is None else getattr(module, attr)
         # importing vkg/export.py binds the submodule to vkg.export; the function wins (the
         # submodule is also callable, so either object works as vkg.export(...)).
         globals()[name] = value

@@ -118,8 +118,125 @@ def add_dinov2(sub):
     add_command(sub)
 
 
+def add_upcycle(sub):
+    p = sub.add_parser(
+        "upcycle", help="slice a dense ViT's FFNs into DeepSeek-MoE experts (safetensors out)",
+        description="Upcycle every dense FFN of a ViT state dict (timm / DINOv2 / Hugging Face "
+        "Dinov2 names, DINOv2's packed SwiGLU, or vkg.models.DeepSeekViT's dense form; "
+        ".safetensors or torch .pt/.pth) into DeepSeek-MoE experts (model-spec 2.4): expert e "
+        "takes fc1 rows perm[e*w:(e+1)*w] and the same fc2 columns, the first S experts form the "
+        "shared MLP, which keeps fc2's bias. Other tensors are copied.")
+    p.add_argument("checkpoint", metavar="DENSE_CHECKPOINT")
+    p.add_argument("--experts", type=int, required=True, help="E: fine-grained experts per FFN")
+    p.add_argument("--shared", type=int, required=True, help="S: always-on shared experts")
+    p.add_argument("--permutation", metavar="FILE.npy",
+                   help="integer permutation of the H hidden neurons: (H,) or (blocks, H)")
+    p.add_argument("--router-init", choices=("zeros", "normal"), default="zeros",
+                   help="zeros (uniform scores, ties to the lowest routed experts) or N(0, std^2)")
+    p.add_argument("--router-std", type=float, default=None,
+                   help="std of --router-init normal (default 1/sqrt(D))")
+    p.add_argument("--router-cols", choices=("all", "routed"), default="all",
+                   help="router columns over all E experts (paper) or the E-S routed ones")
+    p.add_argument("--seed", type=int, default=0, help="seed of --router-init normal")
+    p.add_argument("-o", "--output", required=True, help="the .safetensors file to write")
+
+    def run(args):
+        from .deepseek_vit import run_upcycle
+        return run_upcycle(args)
+    p.set_defaults(func=run)
+
+
+def add_deepseek_vit(sub):
+    p = sub.add_parser(
+        "deepseek-vit", help="export a DeepSeek-MoE ViT encoder (vkg.models.DeepSeekViT)",
+        description="Export a pre-norm ViT whose FFNs are DeepSeek-MoE layers. CHECKPOINT: a "
+        "MoE state dict (python3 -m vkg upcycle writes one), a dense ViT state dict (upcycled "
+        "on load with zero routers), or random:SEED. Graph input image (batch, 3, H, W); output "
+        "`output` = the final-normed tokens, and block<i> per tap.")
+    p.add_argument("checkpoint", metavar="CHECKPOINT")
+    p.add_argument("--dim", type=int, required=True, help="D (ViT-H: 1280)")
+    p.add_argument("--depth", type=int, required=True, help="blocks L (ViT-H: 32)")
+    p.add_argument("--heads", type=int, required=True, help="attention heads (ViT-H: 16)")
+    p.add_argument("--patch", type=int, required=True, help="patch size P (ViT-H/14: 14)")
+    p.add_argument("--image-size", nargs=2, type=int, metavar=("H", "W"), required=True)
+    p.add_argument("--experts", type=int, required=True, help="E (spec: 128)")
+    p.add_argument("--shared", type=int, required=True, help="S (spec: 4)")
+    p.add_argument("--top-k", type=int, required=True, help="M routed experts per token (4)")
+    p.add_argument("--score", choices=("softmax", "sigmoid"), default="softmax")
+    p.add_argument("--router-cols", choices=("all", "routed"), default=None,
+                   help="router over all E columns (default) or the E-S routed ones "
+                   "(default: what the checkpoint has)")
+    p.add_argument("--renorm", action="store_true", help="divide the gates by their sum")
+    p.add_argument("--scale", type=float, default=1.0, help="multiply the gates")
+    p.add_argument("--activation", choices=("gelu", "swiglu"), default=None,
+                   help="expert FFN (default: what the checkpoint has, else gelu)")
+    p.add_argument("--width", type=int, default=None, help="expert width w (default H / E)")
+    p.add_argument("--hidden", type=int, default=None,
+                   help="dense FFN width H (default E * w, or 4 D)")
+    p.add_argument("--ffn", choices=("moe", "dense"), default="moe",
+                   help="dense: export the dense encoder instead (benchmark baseline)")
+    p.add_argument("--layerscale", action="store_true",
+                   help="LayerScale (random weights; checkpoints: detected)")
+    p.add_argument("--pos-grid", type=int, default=None,
+                   help="random weights: positional table M x M (default 224 / P)")
+    p.add_argument("--interpolate-offset", type=float, default=None,
+                   help="DINOv2 pos-embed resampling offset (default 0.1)")
+    p.add_argument("--interpolate-antialias", action="store_true",
+                   help="antialiased resampling (DINOv2 _reg convention)")
+    p.add_argument("--taps", default=None, help="comma-separated 1-based blocks to output")
+    p.add_argument("--stats", action="store_true", help="routing statistics as outputs")
+    p.add_argument("--routing", action="store_true", help="ids and gates as outputs")
+    p.add_argument("--fp16", action="store_true", help="store matrices as f16 (routers f32)")
+    p.add_argument("-o", "--output", required=True, help="the .vkg file to write")
+
+    def run(args):
+        from .deepseek_vit import run_export
+        return run_export(args)
+    p.set_defaults(func=run)
+
+
 # Each entry adds one subcommand; later model families append their own adder here.
-COMMANDS = [add_inspect, add_export_demo, add_dinov2, add_moe_demo]
+COMMANDS = [add_inspect, add_export_demo, add_dinov2, add_moe_demo, add_upcycle, add_deepseek_vit]
+
+
+def add_transfuser_decoder(sub):
+    p = sub.add_parser(
+        "transfuser-decoder", help="export the Transfuser MoE decoder (vkg.transfuser)",
+        description="Export a MoETransformerDecoder (model-spec S3; state_dict layers.{i}."
+        "self_attn|multihead_attn|norm1-3|moe.router|moe.experts.{e}.fc1/fc2) or a plain "
+        "nn.TransformerDecoder (layers.{i}.linear1/linear2; or --dense). CHECKPOINT: a torch "
+        ".pt/.pth state dict or .safetensors (a prefix such as _tf_decoder. is removed); or "
+        "--random SEED. Inputs tgt (batch, Q, D), memory (batch, S, D); outputs output and "
+        "moe_aux_loss, moe_router_z_loss, moe_load_balance_loss, moe_usage_counts, "
+        "moe_usage_fraction. Sizes left out come from the checkpoint, else navsim's.")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", nargs="?")
+    p.add_argument("--random", type=int, metavar="SEED", help="random weights from SEED")
+    p.add_argument("--dense", action="store_true", help="plain nn.TransformerDecoder (FFN)")
+    p.add_argument("--prefix", help="the decoder's key prefix in CHECKPOINT (e.g. _tf_decoder.)")
+    p.add_argument("--d-model", type=int, help="D (256)")
+    p.add_argument("--heads", type=int, help="attention heads (8)")
+    p.add_argument("--ffn", type=int, help="FFN / expert hidden width (1024)")
+    p.add_argument("--layers", type=int, help="decoder layers (3)")
+    p.add_argument("--experts", type=int, help="E (4)")
+    p.add_argument("--top-k", type=int, help="k experts per token (2)")
+    p.add_argument("--activation", choices=("relu", "gelu"), help="expert / FFN act (relu)")
+    p.add_argument("--temperature", type=float, help="router temperature (1.0)")
+    p.add_argument("--load-balance-coef", type=float, help="(0.01)")
+    p.add_argument("--z-loss-coef", type=float, help="router z-loss coefficient (0.001)")
+    p.add_argument("--queries", type=int, default=31, help="Q query tokens (31)")
+    p.add_argument("--memory", type=int, default=65, help="S memory tokens (65)")
+    p.add_argument("--fp16", action="store_true", help="f16 matrices (routers, norms f32)")
+    p.add_argument("--layer-stats", action="store_true",
+                   help="also output each layer's router statistics")
+    p.add_argument("-o", "--output", required=True, help="the .vkg file to write")
+
+    def run(args):
+        from .transfuser import run_export
+        return run_export(args)
+    p.set_defaults(func=run)
+
+
+COMMANDS.append(add_transfuser_decoder)
 
 
 def build_parser():

@@ -364,6 +364,18 @@ class Builder:
         self._check_f32(x, name)
         return self._node("relu", name, [x.index], list(x.shape))
 
+    def tanh(self, x, name=None):
+        name = self._node_name(name, "tanh")
+        self._check_tensor(x, name, "x")
+        self._check_f32(x, name)
+        return self._node("tanh", name, [x.index], list(x.shape))
+
+    def sigmoid(self, x, name=None):
+        name = self._node_name(name, "sigmoid")
+        self._check_tensor(x, name, "x")
+        self._check_f32(x, name)
+        return self._node("sigmoid", name, [x.index], list(x.shape))
+
     def swiglu(self, x, name=None):
         """silu(x[..., :h]) * x[..., h:] for x (..., 2h): output (..., h); silu(v) = v*sigmoid(v)."""
         name = self._node_name(name, "swiglu")

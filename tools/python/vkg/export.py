@@ -485,6 +485,14 @@ def _m_relu(c, m, path, x):
     return c.b.relu(c.tensor_arg(x), name=path)
 
 
+def _m_tanh(c, m, path, x):
+    return c.b.tanh(c.tensor_arg(x), name=path)
+
+
+def _m_sigmoid(c, m, path, x):
+    return c.b.sigmoid(c.tensor_arg(x), name=path)
+
+
 def _m_softmax(c, m, path, x):
     return c.softmax(x, m.dim)
 
@@ -502,6 +510,8 @@ _MODULES = {
     nn.LayerNorm: _m_layernorm,
     nn.GELU: _m_gelu,
     nn.ReLU: _m_relu,
+    nn.Tanh: _m_tanh,
+    nn.Sigmoid: _m_sigmoid,
     nn.Softmax: _m_softmax,
     nn.Dropout: _m_identity,
     nn.Identity: _m_identity,
@@ -527,6 +537,14 @@ def _f_gelu(c, x, approximate="none"):
 
 def _f_relu(c, x, inplace=False):
     return c.b.relu(c.tensor_arg(x), name=c.name())
+
+
+def _f_tanh(c, x, out=None):
+    return c.b.tanh(c.tensor_arg(x), name=c.name())
+
+
+def _f_sigmoid(c, x, out=None):
+    return c.b.sigmoid(c.tensor_arg(x), name=c.name())
 
 
 def _f_softmax(c, x, dim=None, _stacklevel=3, dtype=None):
@@ -614,6 +632,10 @@ _FUNCTIONS = {
     F.gelu: _f_gelu,
     F.relu: _f_relu,
     torch.relu: _f_relu,
+    torch.tanh: _f_tanh,
+    F.tanh: _f_tanh,
+    torch.sigmoid: _f_sigmoid,
+    F.sigmoid: _f_sigmoid,
     F.softmax: _f_softmax,
     torch.softmax: _f_softmax,
     F.dropout: _f_dropout,
@@ -645,6 +667,8 @@ _METHODS = {
     "reshape": _f_reshape,
     "view": _f_reshape,
     "relu": _f_relu,
+    "tanh": _f_tanh,
+    "sigmoid": _f_sigmoid,
     "softmax": lambda c, x, dim=None, dtype=None: c.softmax(x, dim, dtype),
     "size": _method_size,
     "dim": _method_dim,

@@ -34,7 +34,7 @@ ATTR_TYPE_NAMES = {1: "INT", 2: "FLOAT", 3: "STRING", 4: "INTS", 5: "FLOATS"}
 
 OPS = ("linear", "layernorm", "gelu", "relu", "add", "mul", "softmax", "reshape",
        "attention", "patchify", "insert_tokens", "slice", "swiglu",
-       "moe_router", "moe_experts", "moe_lora_mix")
+       "moe_router", "moe_experts", "moe_lora_mix", "tanh", "sigmoid")
 
 MAX_STRINGS = 1 << 20
 MAX_STRING_BYTES = 4096

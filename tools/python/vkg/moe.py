@@ -670,48 +670,72 @@ def convert_moe_ffn(b, module, inputs, path, fp16=None, stats=None, routing=None
                          name=_p(path, "experts"))
 
 
-def convert_deepseek_ffn(b, module, inputs, path, fp16=None, stats=None, routing=None):
+def convert_deepseek_ffn(b, module, inputs, path, fp16=None, stats=None, routing=None,
+                         residual=None, layer_scale=None, route=None):
     """DeepSeekMoEFFN -> moe_router(x, router.weight; k=M, first, score, gates="score", renorm,
     scale) + shared MLP (gelu: linear(x, shared.fc1, gelu) -> linear(shared.fc2); swiglu:
     linear(x, [shared.fc1; shared.fc3]) -> swiglu -> linear(shared.fc2)) +
     moe_experts(x, ids, gates, experts.w1, experts.b1, experts.w2, -, experts.w3,
-    residual = the shared MLP's output)."""
+    residual = the shared MLP's output).
+
+    For a block that folds the FFN into its residual stream (vkg.deepseek_vit), all optional:
+    residual: a Tensor r (..., D); the result is then r + layer_scale * FFN(x) (shared fc2's
+    epilogue takes scale and residual; moe_experts chains on it).
+    layer_scale: (D,) LayerScale gamma (array or torch tensor): the shared fc2 applies it as its
+    `scale` input, the routed experts' w2 rows are multiplied by it before storing (exact in
+    real arithmetic; the stored weight is rounded once).
+    route: bypass the router: a list of (ids (..., k) i32, gates (..., k) f32) Tensors, each
+    feeding one moe_experts node chained through `residual` (k <= 64 per node; e.g. every
+    routed expert at weight 1 in chunks). No router node and no routing outputs then."""
     x = _one_input(module, inputs)
     fp16, stats, routing, _ = _resolve(module, fp16, stats, routing)
     wdt = "f16" if fp16 else "f32"
-    ids = gates = None
+    gamma = None if layer_scale is None else _np(layer_scale).reshape(-1)
+    if gamma is not None and gamma.shape != (module.dim,):
+        raise ExportError("DeepSeekMoEFFN at %r: layer_scale has %d values, expected D=%d"
+                          % (path, gamma.size, module.dim))
+    routes = []
     if module.n_routed:
-        ids, gates = _router(b, path, x, _const(b, _p(path, "router.weight"),
-                                                module.router.weight),
-                             None, stats, routing, k=module.top_m, first=module.first,
-                             score=module.score, gates="score", renorm=int(module.renorm),
-                             scale=module.scale)
-    y = None
+        if route is not None:
+            routes = list(route)
+            if not routes:
+                raise ExportError("DeepSeekMoEFFN at %r: route is empty" % (path,))
+        else:
+            routes = [_router(b, path, x, _const(b, _p(path, "router.weight"),
+                                                 module.router.weight),
+                              None, stats, routing, k=module.top_m, first=module.first,
+                              score=module.score, gates="score", renorm=int(module.renorm),
+                              scale=module.scale)]
+    y = residual
     sh = module.shared
     if sh is not None:
+        ls = None if gamma is None else _const(b, _p(path, "layer_scale"), gamma)
         if module.act == "swiglu":
             w13 = np.concatenate([_np(sh.fc1.weight), _np(sh.fc3.weight)], 0)
             hdn = b.linear(x, _const(b, _p(path, "shared.fc1_fc3.weight"), w13, wdt),
                            name=_p(path, "shared.fc1_fc3"))
             hdn = b.swiglu(hdn, name=_p(path, "shared.swiglu"))
             y = b.linear(hdn, _const(b, _p(path, "shared.fc2.weight"), sh.fc2.weight, wdt),
-                         name=_p(path, "shared.fc2"))
+                         scale=ls, residual=residual, name=_p(path, "shared.fc2"))
         else:
             hdn = b.linear(x, _const(b, _p(path, "shared.fc1.weight"), sh.fc1.weight, wdt),
                            _const(b, _p(path, "shared.fc1.bias"), sh.fc1.bias), activation=2,
                            name=_p(path, "shared.fc1"))
             y = b.linear(hdn, _const(b, _p(path, "shared.fc2.weight"), sh.fc2.weight, wdt),
-                         _const(b, _p(path, "shared.fc2.bias"), sh.fc2.bias),
-                         name=_p(path, "shared.fc2"))
+                         _const(b, _p(path, "shared.fc2.bias"), sh.fc2.bias), scale=ls,
+                         residual=residual, name=_p(path, "shared.fc2"))
     if module.n_routed:
         ex = module.experts
         w1 = _const(b, _p(path, "experts.w1"), ex.w1, wdt)
         b1 = _const(b, _p(path, "experts.b1"), ex.b1) if ex.b1 is not None else None
-        w2 = _const(b, _p(path, "experts.w2"), ex.w2, wdt)
+        w2v = _np(ex.w2) if gamma is None else _np(ex.w2) * gamma[None, :, None]
+        w2 = _const(b, _p(path, "experts.w2"), w2v, wdt)
         w3 = _const(b, _p(path, "experts.w3"), ex.w3, wdt) if module.act == "swiglu" else None
-        y = b.moe_experts(x, ids, gates, w1, w2, b1, None, w3, residual=y,
-                          activation=3 if module.act == "swiglu" else 2,
-                          name=_p(path, "experts"))
+        for i, (ids, gates) in enumerate(routes):
+            y = b.moe_experts(x, ids, gates, w1, w2, b1, None, w3, residual=y,
+                              activation=3 if module.act == "swiglu" else 2,
+                              name=_p(path, "experts") if i == 0
+                              else _p(path, "experts.%d" % i))
     return y
 
 

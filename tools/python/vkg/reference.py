@@ -144,6 +144,13 @@ def _eval(node, x, dt):
     if op == "relu":
         need(1)
         return np.maximum(x[0], 0).astype(dt)
+    if op == "tanh":
+        need(1)
+        return np.tanh(x[0].astype(np.float64)).astype(dt)
+    if op == "sigmoid":
+        need(1)
+        v = x[0].astype(np.float64)
+        return (0.5 * (1.0 + np.tanh(0.5 * v))).astype(dt)
     if op == "swiglu":
         need(1)
         v = x[0]
