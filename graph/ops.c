@@ -165,8 +165,9 @@ static vkg_status linear_record(const vkg_op_call *c)
     return vkg_matmul(c->cmd, &m);
 }
 
-static uint64_t linear_scratch(const vkg_ir_node *n, const vkg_shape *const *in, const vkg_shape *out)
+static uint64_t linear_scratch(const vkg_context *ctx, const vkg_ir_node *n, const vkg_shape *const *in, const vkg_shape *out)
 {
+    (void)ctx;
     (void)n;
     if (!in[5]) return 0;
     return vkg_shape_numel(out) / (uint64_t)out->dims[out->rank - 1] * (uint64_t)in[5]->dims[0] * 4;

@@ -53,8 +53,8 @@ typedef struct vkg_op_def {
     double (*flops)(const vkg_ir_node *n, const vkg_shape *const *in, const vkg_shape *out);
     /* Recorder with every output and scratch memory (MoE, LoRA). */
     vkg_status (*record_call)(const vkg_op_call *c);
-    /* Scratch bytes the recorder needs at these shapes (out = every output); NULL for none. */
-    uint64_t (*scratch)(const vkg_ir_node *n, const vkg_shape *const *in, const vkg_shape *out);
+    /* Scratch bytes the recorder needs at these shapes on this device (out = every output); NULL for none. */
+    uint64_t (*scratch)(const vkg_context *ctx, const vkg_ir_node *n, const vkg_shape *const *in, const vkg_shape *out);
     /* Dtype rules: inputs are f32 unless their bit is set here (bit i = input i). */
     uint32_t f16_inputs; /* f32 or f16 (constant weights) */
     uint32_t i32_inputs; /* i32 (routing ids) */

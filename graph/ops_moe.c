@@ -128,8 +128,9 @@ static router_scratch router_layout(uint64_t T, uint64_t C, uint64_t E)
     return r;
 }
 
-uint64_t vkg_moe_router_scratch(const vkg_ir_node *n, const vkg_shape *const *in, const vkg_shape *out)
+uint64_t vkg_moe_router_scratch(const vkg_context *ctx, const vkg_ir_node *n, const vkg_shape *const *in, const vkg_shape *out)
 {
+    (void)ctx;
     (void)out;
     uint64_t C = (uint64_t)in[1]->dims[0];
     return router_layout(rows_of(in[0]), C, C - (uint64_t)attr_i(n, "first", 0)).total;
@@ -256,8 +257,9 @@ static experts_scratch experts_layout(const vkg_context *ctx, uint64_t T, uint64
     return s;
 }
 
-uint64_t vkg_moe_experts_scratch(const vkg_ir_node *n, const vkg_shape *const *in, const vkg_shape *out)
+uint64_t vkg_moe_experts_scratch(const vkg_context *ctx, const vkg_ir_node *n, const vkg_shape *const *in, const vkg_shape *out)
 {
+    (void)ctx;
     (void)n;
     (void)out;
     uint64_t T = rows_of(in[EX_X]), k = (uint64_t)in[EX_IDS]->dims[in[EX_IDS]->rank - 1];
@@ -382,13 +384,15 @@ static uint64_t lora_mix_bytes(uint64_t T, uint64_t k, uint64_t H, uint64_t r, u
     return *o2_off + (P * D * 4 + 255) / 256 * 256;
 }
 
-uint64_t vkg_moe_lora_mix_scratch(const vkg_ir_node *n, const vkg_shape *const *in, const vkg_shape *out)
+uint64_t vkg_moe_lora_mix_scratch(const vkg_context *ctx, const vkg_ir_node *n, const vkg_shape *const *in, const vkg_shape *out)
 {
     (void)n;
     (void)out;
-    uint64_t a, b, c;
-    return lora_mix_bytes(rows_of(in[LM_U]), (uint64_t)in[LM_IDS]->dims[in[LM_IDS]->rank - 1], (uint64_t)in[LM_B1]->dims[1],
-                          (uint64_t)in[LM_B1]->dims[2], (uint64_t)in[LM_B2]->dims[1], (uint64_t)in[LM_B1]->dims[0], &a, &b, &c);
+    uint64_t k = (uint64_t)in[LM_IDS]->dims[in[LM_IDS]->rank - 1], H = (uint64_t)in[LM_B1]->dims[1],
+             r = (uint64_t)in[LM_B1]->dims[2], D = (uint64_t)in[LM_B2]->dims[1], a, b, c;
+    /* The fused kernel keeps everything per pair in registers; only the grouped path needs memory. */
+    if (k <= UINT32_MAX && vkg_moe_lora_fused_shapes(ctx, (uint32_t)H, (uint32_t)D, (uint32_t)r, (uint32_t)k)) return 0;
+    return lora_mix_bytes(rows_of(in[LM_U]), k, H, r, D, (uint64_t)in[LM_B1]->dims[0], &a, &b, &c);
 }
 
 double vkg_moe_lora_mix_flops(const vkg_ir_node *n, const vkg_shape *const *in, const vkg_shape *out)
@@ -409,11 +413,6 @@ vkg_status vkg_moe_lora_mix_record(const vkg_op_call *c)
              r = (uint32_t)in[LM_B1]->shape.dims[2], D = (uint32_t)in[LM_B2]->shape.dims[1];
     if (T * k > UINT32_MAX / 2) return vkg_fail(VKG_ERROR_UNSUPPORTED, "moe_lora_mix: %llu pairs", (unsigned long long)(T * k));
     if (T == 0) return VKG_SUCCESS;
-    uint64_t h_off, a2_off, o2_off;
-    uint64_t need_bytes = lora_mix_bytes(T, k, H, r, D, E, &h_off, &a2_off, &o2_off);
-    if (need_bytes > c->scratch_bytes)
-        return vkg_fail(VKG_ERROR_INVALID_ARGUMENT, "moe_lora_mix: scratch of %llu bytes, %llu needed",
-                        (unsigned long long)c->scratch_bytes, (unsigned long long)need_bytes);
     vkg_moe_lora_args fa = {.u = in[LM_U]->ref, .a1 = in[LM_A1]->ref, .ids = in[LM_IDS]->ref, .gates = in[LM_GATES]->ref,
                             .b1 = in[LM_B1]->ref, .a2 = in[LM_A2]->ref, .b2 = in[LM_B2]->ref,
                             .b1_dtype = in[LM_B1]->dtype, .a2_dtype = in[LM_A2]->dtype, .b2_dtype = in[LM_B2]->dtype,
@@ -424,6 +423,11 @@ vkg_status vkg_moe_lora_mix_record(const vkg_op_call *c)
                             .s = (float)attr_f(c->node, "lora_scale", 1.0),
                             .act = (vkg_act)attr_i(c->node, "activation", 2)};
     if (vkg_moe_lora_fused_supported(ctx, &fa)) return vkg_moe_lora_fused(c->cmd, &fa);
+    uint64_t h_off, a2_off, o2_off;
+    uint64_t need_bytes = lora_mix_bytes(T, k, H, r, D, E, &h_off, &a2_off, &o2_off);
+    if (need_bytes > c->scratch_bytes)
+        return vkg_fail(VKG_ERROR_INVALID_ARGUMENT, "moe_lora_mix: scratch of %llu bytes, %llu needed",
+                        (unsigned long long)c->scratch_bytes, (unsigned long long)need_bytes);
     /* Elsewhere (GPUs, ragged widths): dispatch the pairs by expert and run the LoRA products as
      * grouped matmuls, then combine in ascending expert order. */
     vkg_moe_plan plan;

@@ -9,17 +9,17 @@ extern const vkg_attr_spec vkg_moe_router_attrs[], vkg_moe_experts_attrs[], vkg_
 vkg_status vkg_moe_router_validate(const vkg_graph *g, const vkg_ir_node *n);
 vkg_status vkg_moe_router_infer(const vkg_graph *g, const vkg_ir_node *n, const vkg_shape *const *in, vkg_shape *out);
 vkg_status vkg_moe_router_record(const vkg_op_call *c);
-uint64_t vkg_moe_router_scratch(const vkg_ir_node *n, const vkg_shape *const *in, const vkg_shape *out);
+uint64_t vkg_moe_router_scratch(const vkg_context *ctx, const vkg_ir_node *n, const vkg_shape *const *in, const vkg_shape *out);
 double vkg_moe_router_flops(const vkg_ir_node *n, const vkg_shape *const *in, const vkg_shape *out);
 vkg_status vkg_moe_experts_validate(const vkg_graph *g, const vkg_ir_node *n);
 vkg_status vkg_moe_experts_infer(const vkg_graph *g, const vkg_ir_node *n, const vkg_shape *const *in, vkg_shape *out);
 vkg_status vkg_moe_experts_record(const vkg_op_call *c);
-uint64_t vkg_moe_experts_scratch(const vkg_ir_node *n, const vkg_shape *const *in, const vkg_shape *out);
+uint64_t vkg_moe_experts_scratch(const vkg_context *ctx, const vkg_ir_node *n, const vkg_shape *const *in, const vkg_shape *out);
 double vkg_moe_experts_flops(const vkg_ir_node *n, const vkg_shape *const *in, const vkg_shape *out);
 vkg_status vkg_moe_lora_mix_validate(const vkg_graph *g, const vkg_ir_node *n);
 vkg_status vkg_moe_lora_mix_infer(const vkg_graph *g, const vkg_ir_node *n, const vkg_shape *const *in, vkg_shape *out);
 vkg_status vkg_moe_lora_mix_record(const vkg_op_call *c);
-uint64_t vkg_moe_lora_mix_scratch(const vkg_ir_node *n, const vkg_shape *const *in, const vkg_shape *out);
+uint64_t vkg_moe_lora_mix_scratch(const vkg_context *ctx, const vkg_ir_node *n, const vkg_shape *const *in, const vkg_shape *out);
 double vkg_moe_lora_mix_flops(const vkg_ir_node *n, const vkg_shape *const *in, const vkg_shape *out);
 
 /* Inputs: moe_router x, weight, bias | moe_experts x, ids, gates, w1, b1, w2, b2, w3, residual |

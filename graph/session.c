@@ -79,7 +79,7 @@ static vkg_status infer_shapes(vkg_session *s, const vkg_session_desc *d)
             }
             s->rt[node->outputs[o]].shape = out[o];
         }
-        if (op->scratch) s->scratch_bytes[n] = op->scratch(node, in, out);
+        if (op->scratch) s->scratch_bytes[n] = op->scratch(s->model->ctx, node, in, out);
         if (op->flops) s->flops += op->flops(node, in, &out[0]);
     }
     return VKG_SUCCESS;

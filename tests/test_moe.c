@@ -3,7 +3,8 @@
  * experts, dropped ids, many blocks), the MoE-LoRA mixing step. Every case runs twice and must be
  * bit-identical; also linear with LoRA adapters as a graph op.
  * `test_moe router|experts|lora_mix|large|lora_linear [--inject-fault]`; VKG_MATMUL_VARIANT picks
- * the grouped matmul's variant. */
+ * the grouped matmul's variant. Shaders covered: moe_route (select, stats), moe_dispatch (hist, scan,
+ * scatter, combine), moe_matmul (tiled, texel, texel_k1, skinny), moe_lora. */
 #include <float.h>
 
 #include "harness.h"
@@ -383,6 +384,9 @@ static int test_lora_mix(vkg_context *ctx)
         /* widths that are multiples of 4 take the fused per-token kernel on lavapipe, others the grouped path */
         {.T = 30, .H = 32, .E = 4, .r = 4, .D = 12, .k = 2, .act = 2, .bias = 1, .res = 1, .skew = 2},
         {.T = 257, .H = 192, .E = 8, .r = 8, .D = 48, .k = 2, .act = 2, .bias = 1, .scale = 1, .res = 1},
+        /* D not a multiple of 4: the grouped path, whose rank-8 down-projection over H = 96 takes
+         * moe_matmul.comp's K-split (skinny) kernel on lavapipe */
+        {.T = 40, .H = 96, .E = 4, .r = 8, .D = 13, .k = 2, .act = 2, .bias = 1, .res = 1},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
         if (run_mix(ctx, &cases[i], 500 + 13 * (uint32_t)i)) return 1;

@@ -10,9 +10,7 @@ import argparse
 import json
 import os
 import re
-import subprocess
 import sys
-import time
 
 import numpy as np
 import torch
@@ -56,35 +54,8 @@ def pnnx_convert2(module, xs, workdir, stem):
     return param, binf, n_layers
 
 
-class Ncnn:
+class Ncnn(run.NcnnVulkan):
     name = "ncnn Vulkan fp32 (dense)"
-
-    def __init__(self, param, binf, xs):
-        import ncnn
-        if ncnn.get_gpu_count() < 1:
-            raise run.StepError("ncnn found no Vulkan device")
-        self.ncnn, self.device = ncnn, ncnn.get_gpu_info(0).device_name()
-        net = ncnn.Net()
-        o = net.opt
-        o.use_vulkan_compute = True
-        o.use_fp16_packed = o.use_fp16_storage = o.use_fp16_arithmetic = False
-        o.use_bf16_storage = o.use_bf16_packed = False
-        o.num_threads = os.cpu_count()
-        net.set_vulkan_device(0)
-        if net.load_param(param) != 0 or net.load_model(binf) != 0:
-            raise run.StepError("ncnn could not load %s" % param)
-        self.net = net
-        # pnnx addresses batch-1 3-D inputs as ncnn 2-D mats (h = tokens, w = features)
-        self.ins = [np.ascontiguousarray(x.numpy()[0] if x.shape[0] == 1 else x.numpy()) for x in xs]
-
-    def __call__(self):
-        ex = self.net.create_extractor()
-        for i, a in enumerate(self.ins):
-            ex.input("in%d" % i, self.ncnn.Mat(a))
-        ret, out = ex.extract("out0")
-        if ret != 0:
-            raise run.StepError("ncnn extract returned %d" % ret)
-        return np.array(out)
 
 
 class Ort:
@@ -155,7 +126,7 @@ def main():
             ref = dense(*xs).numpy()
         stem = "transfuser_dense_b%d" % batch
         param, binf, nl = pnnx_convert2(dense, xs, args.workdir, stem)
-        rts = [Ncnn(param, binf, xs), Ort(dense, xs, os.path.join(args.workdir, stem + ".onnx")), Torch(dense, xs)]
+        rts = [Ncnn(param, binf, xs, drop_batch=batch == 1), Ort(dense, xs, os.path.join(args.workdir, stem + ".onnx")), Torch(dense, xs)]
         errs = {}
         for rt in rts:
             y = rt()

@@ -150,8 +150,10 @@ class NcnnVulkan:
             raise StepError("ncnn could not load %s / %s" % (param, binf))
         self.net = net
         # pnnx drops the batch dim of the image input; for the 3-D attention input its param file
-        # addresses the tensor as ncnn 3-D (c=1, h=257, w=1152), so it is fed whole.
-        self.inp = np.ascontiguousarray(x.numpy()[0] if drop_batch else x.numpy())
+        # addresses the tensor as ncnn 3-D (c=1, h=257, w=1152), so it is fed whole. Several inputs
+        # (a list) are fed as in0, in1, ...
+        xs = x if isinstance(x, (list, tuple)) else [x]
+        self.ins = [np.ascontiguousarray(t.numpy()[0] if drop_batch else t.numpy()) for t in xs]
         self.options = {k: bool(getattr(o, k)) for k in ("use_vulkan_compute", "use_fp16_packed",
                         "use_fp16_storage", "use_fp16_arithmetic", "use_bf16_storage")}
         if not o.use_vulkan_compute or o.use_fp16_storage or o.use_fp16_arithmetic or o.use_fp16_packed:
@@ -159,7 +161,8 @@ class NcnnVulkan:
 
     def __call__(self):
         ex = self.net.create_extractor()
-        ex.input("in0", self.ncnn.Mat(self.inp))
+        for i, a in enumerate(self.ins):
+            ex.input("in%d" % i, self.ncnn.Mat(a))
         ret, out = ex.extract("out0")
         if ret != 0:
             raise StepError("ncnn extract returned %d" % ret)

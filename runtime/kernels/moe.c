@@ -312,12 +312,17 @@ static VkFormat texel4(vkg_dtype dt)
     return dt == VKG_DTYPE_F16 ? VK_FORMAT_R16G16B16A16_SFLOAT : VK_FORMAT_R32G32B32A32_SFLOAT;
 }
 
-bool vkg_moe_lora_fused_supported(const vkg_context *ctx, const vkg_moe_lora_args *a)
+bool vkg_moe_lora_fused_shapes(const vkg_context *ctx, uint32_t H, uint32_t D, uint32_t r, uint32_t k)
 {
     /* Tuned for lavapipe (one subgroup of 8 per token); GPUs take the grouped matmuls. */
     if (vkg_matmul_default_variant(ctx) != VKG_MM_TEXEL) return false;
-    if (a->r % 4 || a->H % 4 || a->D % 4 || a->k * a->r > 256 || a->k > VKG_MOE_MAX_K) return false;
-    if (ctx->max_storage_per_stage < 7 || ctx->max_texel_per_stage < 5) return false;
+    if (r % 4 || H % 4 || D % 4 || k * r > 256 || k > VKG_MOE_MAX_K) return false;
+    return ctx->max_storage_per_stage >= 7 && ctx->max_texel_per_stage >= 5;
+}
+
+bool vkg_moe_lora_fused_supported(const vkg_context *ctx, const vkg_moe_lora_args *a)
+{
+    if (!vkg_moe_lora_fused_shapes(ctx, a->H, a->D, a->r, a->k)) return false;
     const vkg_tref *t[5] = {&a->u, &a->a1, &a->b1, &a->a2, &a->b2};
     for (int i = 0; i < 5; i++)
         if (!t[i]->buf || t[i]->offset % 16) return false;

@@ -87,7 +87,9 @@ typedef struct vkg_moe_lora_args {
     float s;
     vkg_act act;
 } vkg_moe_lora_args;
-/* Whether the fused kernel runs these shapes on this device (else the grouped path does). */
+/* Whether the fused kernel takes these widths on this device (it needs no scratch memory). */
+bool vkg_moe_lora_fused_shapes(const vkg_context *ctx, uint32_t H, uint32_t D, uint32_t r, uint32_t k);
+/* Whether the fused kernel runs these shapes and buffer offsets on this device (else the grouped path does). */
 bool vkg_moe_lora_fused_supported(const vkg_context *ctx, const vkg_moe_lora_args *a);
 vkg_status vkg_moe_lora_fused(vkg_cmd *cmd, const vkg_moe_lora_args *a);
 

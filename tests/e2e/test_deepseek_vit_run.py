@@ -27,8 +27,8 @@ sys.path.insert(0, PYDIR)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import vkg  # noqa: E402
 from vkg import deepseek_vit as dv  # noqa: E402
+import vkgrun  # noqa: E402  (tests/e2e/vkgrun.py)
 
 VKG_BIN = None
 SMALL = dict(dim=160, depth=4, heads=4, patch=14, experts=16, shared=2, top_m=2, hidden=640)
@@ -48,20 +48,10 @@ def image(batch, h, w, seed):
 
 def vkg_run(path, inputs, tmp):
     """`vkg run` with the validation layer; returns {output name: array}."""
-    args = [VKG_BIN, "run", path, "--out", os.path.join(tmp, "out")]
-    for name, arr in inputs.items():
-        p = os.path.join(tmp, name + ".npy")
-        np.save(p, arr)
-        args += ["--input", "%s=%s" % (name, p)]
     t0 = time.time()
-    r = subprocess.run(args, capture_output=True, text=True,
-                       env=dict(os.environ, VKG_VALIDATION="1"))
-    if r.returncode != 0:
-        raise AssertionError("vkg run failed (%d): %s%s" % (r.returncode, r.stdout, r.stderr))
-    out = os.path.join(tmp, "out")
-    res = {n[:-4]: np.load(os.path.join(out, n)) for n in os.listdir(out) if n.endswith(".npy")}
+    res = vkgrun.run(VKG_BIN, path, inputs, os.path.join(tmp, "out"))
     print("  vkg run %s: %.1f s" % (os.path.basename(path), time.time() - t0))
-    return res
+    return {n: v[0] for n, v in res.items()}
 
 
 def upcycled_pair(cfg, seed):

@@ -18,6 +18,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import vkg  # noqa: E402
+import vkgrun  # noqa: E402  (tests/e2e/vkgrun.py)
 
 VKG_BIN = None
 ATOL, RTOL = 1e-5, 1e-5
@@ -77,19 +78,6 @@ class Stack(nn.Module):
         return self.head(self.norm(tokens)).softmax(-1)
 
 
-def run_vkg(path, inputs, tmp):
-    args = [VKG_BIN, "run", path, "--out", os.path.join(tmp, "out")]
-    for name, arr in inputs.items():
-        p = os.path.join(tmp, name + ".npy")
-        np.save(p, arr)
-        args += ["--input", "%s=%s" % (name, p)]
-    env = dict(os.environ, VKG_VALIDATION="1")
-    r = subprocess.run(args, capture_output=True, text=True, env=env)
-    if r.returncode != 0:
-        raise AssertionError("vkg run failed (%d): %s%s" % (r.returncode, r.stdout, r.stderr))
-    return os.path.join(tmp, "out")
-
-
 class ExportRun(unittest.TestCase):
     def check(self, module, shape, name):
         torch.manual_seed(0)
@@ -105,8 +93,7 @@ class ExportRun(unittest.TestCase):
                 x = torch.randn(batch, *shape[1:])
                 with torch.no_grad():
                     want = module(x).numpy()
-                out = run_vkg(path, {name: x.numpy()}, tmp)
-                got = np.load(os.path.join(out, "output.npy"))
+                got = vkgrun.run(VKG_BIN, path, {name: x.numpy()}, os.path.join(tmp, "out"))["output"][0]
                 self.assertEqual(got.shape, want.shape)
                 err = np.abs(got - want)
                 tol = ATOL + RTOL * np.abs(want)

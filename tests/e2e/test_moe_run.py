@@ -28,35 +28,12 @@ import torch.nn.functional as F  # noqa: E402
 
 import vkg  # noqa: E402
 from vkg import moe  # noqa: E402
+import vkgrun  # noqa: E402  (tests/e2e/vkgrun.py)
 
 VKG_BIN = None
 ATOL, RTOL = 1e-5, 1e-5
 F16_REL = 2e-2
 STATS = moe.STAT_NAMES
-
-
-def run_vkg(path, inputs, out):
-    """Runs `vkg run` and returns {output name: array} read from the .npy files it wrote."""
-    args = [VKG_BIN, "run", path, "--out", out]
-    tmp = os.path.dirname(out)
-    for name, arr in inputs.items():
-        p = os.path.join(tmp, name + ".npy")
-        np.save(p, arr)
-        args += ["--input", "%s=%s" % (name, p)]
-    env = dict(os.environ, VKG_VALIDATION="1")
-    r = subprocess.run(args, capture_output=True, text=True, env=env)
-    if r.returncode != 0:
-        raise AssertionError("vkg run failed (%d): %s%s" % (r.returncode, r.stdout, r.stderr))
-    return out
-
-
-def read_outputs(out, names):
-    res = {}
-    for n in names:
-        with open(os.path.join(out, n + ".npy"), "rb") as f:
-            raw = f.read()
-        res[n] = (np.load(os.path.join(out, n + ".npy")), raw)
-    return res
 
 
 def routing_margin(m, x):
@@ -133,8 +110,8 @@ class MoERun(unittest.TestCase):
                     want = module(x)
                 outs = []
                 for rep in range(2 if bi == 0 else 1):      # twice at the first batch
-                    out = run_vkg(path, {"x": x.numpy()}, os.path.join(tmp, "out%d" % rep))
-                    outs.append(read_outputs(out, names))
+                    res = vkgrun.run(VKG_BIN, path, {"x": x.numpy()}, os.path.join(tmp, "out%d" % rep))
+                    outs.append({n: res[n] for n in names})
                 if len(outs) > 1:
                     for n in names:
                         self.assertEqual(outs[0][n][1], outs[1][n][1],
@@ -241,8 +218,7 @@ class MoERun(unittest.TestCase):
             bd.save(path)
             ins = {"x": xx.numpy(), "ids": np.tile(np.arange(e - s, dtype=np.int32), (7, 1)),
                    "gates": np.ones((7, e - s), np.float32)}
-            out = run_vkg(path, ins, os.path.join(tmp, "out"))
-            got = np.load(os.path.join(out, "y.npy"))
+            got = vkgrun.run(VKG_BIN, path, ins, os.path.join(tmp, "out"))["y"][0]
         self.close(got, want, "upcycled, all experts on")
 
     # -- S1: MoE-LoRA FFN --

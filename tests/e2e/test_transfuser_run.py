@@ -30,6 +30,7 @@ import torch  # noqa: E402
 
 import vkg  # noqa: E402
 from vkg import transfuser as tf  # noqa: E402
+import vkgrun  # noqa: E402  (tests/e2e/vkgrun.py)
 
 VKG_BIN = None
 ATOL, RTOL = 1e-5, 1e-5
@@ -42,25 +43,6 @@ AUX = tf.AUX_NAMES
 def data(seed, batch):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(batch, Q, D, generator=g), torch.randn(batch, S, D, generator=g)
-
-
-def run_vkg(path, inputs, out):
-    """`vkg run` under the validation layer; returns {output name: (array, file bytes)}."""
-    args = [VKG_BIN, "run", path, "--out", out]
-    for name, arr in inputs.items():
-        p = os.path.join(os.path.dirname(out), name + ".npy")
-        np.save(p, arr)
-        args += ["--input", "%s=%s" % (name, p)]
-    r = subprocess.run(args, capture_output=True, text=True,
-                       env=dict(os.environ, VKG_VALIDATION="1"))
-    if r.returncode != 0:
-        raise AssertionError("vkg run failed (%d): %s%s" % (r.returncode, r.stdout, r.stderr))
-    res = {}
-    for f in sorted(os.listdir(out)):
-        with open(os.path.join(out, f), "rb") as fh:
-            raw = fh.read()
-        res[f[:-4]] = (np.load(os.path.join(out, f)), raw)
-    return res
 
 
 class TransfuserRun(unittest.TestCase):
@@ -87,7 +69,7 @@ class TransfuserRun(unittest.TestCase):
                     want = model(tgt, mem)
                 want, aux = want if moe else (want, {})
                 ins = {"tgt": tgt.numpy(), "memory": mem.numpy()}
-                outs = [run_vkg(path, ins, os.path.join(tmp, "out%d_%d" % (ci, rep)))
+                outs = [vkgrun.run(VKG_BIN, path, ins, os.path.join(tmp, "out%d_%d" % (ci, rep)))
                         for rep in range(2 if ci == 0 else 1)]
                 self.assertEqual(sorted(outs[0]), sorted(out_names))
                 if len(outs) > 1:

@@ -81,7 +81,7 @@ class _Tracer(torch.fx.Tracer):
         self._scope.append((self.path_of_module(m), type(m).__name__))
         try:
             return super().call_module(m, forward, args, kwargs)
-        except Exception as e:
+        except Exception:
             if self.failed_scope is None:
                 self.failed_scope = list(self._scope)
             raise
