@@ -18,6 +18,7 @@ struct vkg_session {
     uint32_t *root;      /* per tensor: the tensor whose memory it uses (itself unless a view) */
     vkg_buf *arena;      /* intermediates, placed by lifetime */
     vkg_buf **own;       /* per tensor: a dedicated buffer (inputs, outputs) or NULL */
+    vkg_buf **bound;     /* per tensor: an application VkBuffer (vkg_session_bind_buffer) replacing own, or NULL */
     vkg_tref *scratch;        /* per node: its scratch memory in the arena */
     uint64_t *scratch_bytes;  /* per node */
     vkg_cmd *cmd;
@@ -26,6 +27,12 @@ struct vkg_session {
     uint32_t *dispatch_node; /* node index of each recorded dispatch */
     uint32_t n_dispatch;
     bool profile, ran;
+    /* Completion of vkg_session_submit: a timeline semaphore reaching `submitted` (the number of
+     * submits), or a fence without timeline semaphores. `pending`: submitted, not yet waited for. */
+    VkSemaphore timeline;
+    VkFence fence;
+    uint64_t submitted;
+    bool pending;
 };
 
 const vkg_graph *vkg_model_graph(const vkg_model *m);
@@ -33,7 +40,5 @@ const vkg_graph *vkg_model_graph(const vkg_model *m);
 void vkg_ir_tensor_info(const vkg_ir_tensor *t, vkg_tensor_info *out);
 /* FLOP estimate of one run at the session's shapes (matmul multiply-adds x 2). */
 double vkg_session_flops(const vkg_session *s);
-/* Memory barriers the recorded command buffer holds (one run replays them all). */
-uint32_t vkg_session_barrier_count(const vkg_session *s);
 
 #endif

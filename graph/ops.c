@@ -6,6 +6,8 @@
 #include "runtime/kernels/attention.h"
 #include "runtime/kernels/copy.h"
 #include "graph/ops_moe.h"
+#include "graph/ops_dense.h"
+#include "graph/ops_conv.h"
 
 #define GRAPH_FAIL(g, n, ...) vkg_node_fail(g, n, __VA_ARGS__)
 
@@ -297,6 +299,48 @@ static vkg_status binary_record(vkg_cmd *cmd, const vkg_ir_node *n, const vkg_rt
                       in[1]->ref, b, in[1]->shape.rank, out->ref);
 }
 
+/* ---- add_n ---- */
+
+static const vkg_attr_spec add_n_attrs[] = {{"scale", VKG_ATTR_FLOAT, false}, {NULL, 0, false}};
+
+static vkg_status add_n_validate(const vkg_graph *g, const vkg_ir_node *n)
+{
+    const vkg_ir_tensor *a = in_t(g, n, 0);
+    for (uint32_t i = 1; i < n->n_inputs; i++) {
+        const vkg_ir_tensor *b = in_t(g, n, i);
+        if (!b) return GRAPH_FAIL(g, n, "input %u is absent; every input of add_n is required", i);
+        if (b->rank != a->rank)
+            return GRAPH_FAIL(g, n, "\"%s\" has rank %u and \"%s\" rank %u; add_n needs one shape", a->name, a->rank,
+                              b->name, b->rank);
+        for (uint32_t d = 0; d < a->rank; d++)
+            if (!a->sym[d] && !b->sym[d] && a->dims[d] != b->dims[d])
+                return GRAPH_FAIL(g, n, "\"%s\" and \"%s\" differ in dim %u (%lld and %lld); add_n needs one shape",
+                                  a->name, b->name, d, (long long)a->dims[d], (long long)b->dims[d]);
+    }
+    const vkg_ir_attr *sc = vkg_ir_attr_find(n, "scale");
+    if (sc && !(sc->f == sc->f && sc->f < 1e38 && sc->f > -1e38)) return GRAPH_FAIL(g, n, "scale %g is not finite", sc->f);
+    return VKG_SUCCESS;
+}
+
+static vkg_status add_n_infer(const vkg_graph *g, const vkg_ir_node *n, const vkg_shape *const *in, vkg_shape *out)
+{
+    for (uint32_t i = 1; i < n->n_inputs; i++)
+        for (uint32_t d = 0; d < in[0]->rank; d++)
+            if (in[i]->dims[d] != in[0]->dims[d])
+                return GRAPH_FAIL(g, n, "input %u differs from input 0 in dim %u (%lld and %lld)", i, d,
+                                  (long long)in[i]->dims[d], (long long)in[0]->dims[d]);
+    *out = *in[0];
+    return VKG_SUCCESS;
+}
+
+static vkg_status add_n_record(vkg_cmd *cmd, const vkg_ir_node *n, const vkg_rt_tensor *const *in, const vkg_rt_tensor *out)
+{
+    vkg_tref x[VKG_ADD_N_MAX];
+    for (uint32_t i = 0; i < n->n_inputs; i++) x[i] = in[i]->ref;
+    const vkg_ir_attr *sc = vkg_ir_attr_find(n, "scale");
+    return vkg_add_n(cmd, x, n->n_inputs, out->ref, vkg_shape_numel(&out->shape), sc ? (float)sc->f : 1.0f);
+}
+
 /* ---- swiglu ---- */
 
 static vkg_status swiglu_validate(const vkg_graph *g, const vkg_ir_node *n)
@@ -562,7 +606,16 @@ static vkg_status slice_record(vkg_cmd *cmd, const vkg_ir_node *n, const vkg_rt_
 /* ---- attention ---- */
 
 static const vkg_attr_spec attention_attrs[] = {
-    {"heads", VKG_ATTR_INT, true}, {"scale", VKG_ATTR_FLOAT, false}, {"packed", VKG_ATTR_INT, false}, {NULL, 0, false}};
+    {"heads", VKG_ATTR_INT, true}, {"scale", VKG_ATTR_FLOAT, false}, {"packed", VKG_ATTR_INT, false},
+    {"k_col", VKG_ATTR_INT, false}, {"v_col", VKG_ATTR_INT, false}, {NULL, 0, false}};
+
+/* k_col / v_col: k and v are column windows of wider tensors (the memory K/V of several decoder
+ * layers from one projection); -1 when the attribute is absent. */
+static int64_t attention_col(const vkg_ir_node *n, const char *name)
+{
+    const vkg_ir_attr *a = vkg_ir_attr_find(n, name);
+    return a ? a->i : -1;
+}
 
 static bool attention_packed(const vkg_ir_node *n)
 {
@@ -584,10 +637,15 @@ static vkg_status attention_validate(const vkg_graph *g, const vkg_ir_node *n)
         if (!t) return GRAPH_FAIL(g, n, "input %u (%s) is required", i, packed ? "qkv" : i == 0 ? "q" : i == 1 ? "k" : "v");
         if (t->rank != 3) return GRAPH_FAIL(g, n, "\"%s\" must be (N, T, features), has rank %u", t->name, t->rank);
         int64_t f = last_dim(t);
+        if (i > 0 && vkg_ir_attr_find(n, "k_col")) continue; /* windows of any width; infer checks them */
         if (f >= 0 && f % (heads * (packed ? 3 : 1)))
             return GRAPH_FAIL(g, n, "\"%s\" has %lld features, not a multiple of %s%lld heads", t->name, (long long)f,
                               packed ? "3 x " : "", (long long)heads);
     }
+    int64_t kc = attention_col(n, "k_col"), vc = attention_col(n, "v_col");
+    if ((kc >= 0 || vc >= 0) && packed) return GRAPH_FAIL(g, n, "k_col and v_col apply to separate q, k, v inputs, not packed");
+    if ((kc >= 0) != (vc >= 0) || (vkg_ir_attr_find(n, "k_col") && kc < 0) || (vkg_ir_attr_find(n, "v_col") && vc < 0))
+        return GRAPH_FAIL(g, n, "k_col and v_col come together, each >= 0");
     const vkg_ir_tensor *mask = in_t(g, n, nqkv), *kp = in_t(g, n, nqkv + 1);
     if (mask && mask->rank != 2 && mask->rank != 3)
         return GRAPH_FAIL(g, n, "mask \"%s\" must be (Tq, Tk) or (N, Tq, Tk)", mask->name);
@@ -606,8 +664,15 @@ static vkg_status attention_infer(const vkg_graph *g, const vkg_ir_node *n, cons
     if ((packed && q->dims[2] % 3) || hd % heads || hd == 0)
         return GRAPH_FAIL(g, n, "%lld features do not split into %s%lld heads", (long long)q->dims[2], packed ? "3 x " : "",
                           (long long)heads);
+    int64_t kc = attention_col(n, "k_col"), vc = attention_col(n, "v_col");
+    if (!packed && kc >= 0 && (k->dims[2] != v->dims[2] || kc + hd > k->dims[2] || vc + hd > v->dims[2]))
+        return GRAPH_FAIL(g, n, "k_col %lld and v_col %lld with %lld features: k (%lld, %lld, %lld) and v (%lld, %lld, "
+                          "%lld) must have one width holding both windows", (long long)kc, (long long)vc, (long long)hd,
+                          (long long)k->dims[0], (long long)k->dims[1], (long long)k->dims[2], (long long)v->dims[0],
+                          (long long)v->dims[1], (long long)v->dims[2]);
+    int64_t kw = kc >= 0 ? k->dims[2] : hd;
     if (!packed && (k->dims[0] != q->dims[0] || v->dims[0] != q->dims[0] || k->dims[1] != v->dims[1] ||
-                    k->dims[2] != hd || v->dims[2] != hd))
+                    k->dims[2] != kw || v->dims[2] != kw))
         return GRAPH_FAIL(g, n, "q (%lld, %lld, %lld), k (%lld, %lld, %lld), v (%lld, %lld, %lld): expected k and v "
                           "(N, Tk, %lld) with q's N", (long long)q->dims[0], (long long)q->dims[1], (long long)q->dims[2],
                           (long long)k->dims[0], (long long)k->dims[1], (long long)k->dims[2], (long long)v->dims[0],
@@ -642,6 +707,10 @@ static vkg_status attention_record(vkg_cmd *cmd, const vkg_ir_node *n, const vkg
         a.q_stride = a.kv_stride = 3 * hd;
         a.k_col = hd;
         a.v_col = 2 * hd;
+    } else if (attention_col(n, "k_col") >= 0) {
+        a.kv_stride = (uint32_t)in[1]->shape.dims[2];
+        a.k_col = (uint32_t)attention_col(n, "k_col");
+        a.v_col = (uint32_t)attention_col(n, "v_col");
     }
     if (in[nqkv]) {
         a.mask = in[nqkv]->ref;
@@ -679,6 +748,8 @@ static const vkg_op_def ops[] = {
      .validate = binary_validate, .infer = binary_infer, .record = binary_record, .flops = NULL},
     {.name = "mul", .min_inputs = 2, .max_inputs = 2, .min_outputs = 1, .max_outputs = 1, .attrs = no_attrs,
      .validate = binary_validate, .infer = binary_infer, .record = binary_record, .flops = NULL},
+    {.name = "add_n", .min_inputs = 2, .max_inputs = VKG_ADD_N_MAX, .min_outputs = 1, .max_outputs = 1,
+     .attrs = add_n_attrs, .validate = add_n_validate, .infer = add_n_infer, .record = add_n_record, .flops = NULL},
     {.name = "swiglu", .min_inputs = 1, .max_inputs = 1, .min_outputs = 1, .max_outputs = 1, .attrs = no_attrs,
      .validate = swiglu_validate, .infer = swiglu_infer, .record = swiglu_record, .flops = NULL},
     {.name = "softmax", .min_inputs = 1, .max_inputs = 1, .min_outputs = 1, .max_outputs = 1, .attrs = softmax_attrs,
@@ -694,6 +765,8 @@ static const vkg_op_def ops[] = {
     {.name = "attention", .min_inputs = 1, .max_inputs = 5, .min_outputs = 1, .max_outputs = 1, .attrs = attention_attrs,
      .validate = attention_validate, .infer = attention_infer, .record = attention_record, .flops = attention_flops},
     VKG_MOE_OPS
+    VKG_DENSE_OPS
+    VKG_CONV_OPS
 };
 
 const vkg_op_def *vkg_op_find(const char *name)

@@ -165,8 +165,7 @@ vkg_status vkg_moe_router_record(const vkg_op_call *c)
                               .gates_are_scores = strcmp(attr_s(n, "gates", "softmax_topk"), "score") == 0,
                               .renorm = attr_i(n, "renorm", 0) != 0, .temperature = temp,
                               .scale = (float)attr_f(n, "scale", 1.0)};
-    VKG_TRY(vkg_moe_select(c->cmd, &sa));
-    if (c->node->n_outputs <= 2) return VKG_SUCCESS;
+    if (c->node->n_outputs <= 2) return vkg_moe_select(c->cmd, &sa);
     /* Statistics the graph does not ask for land in the dump area. */
     vkg_tref st[5];
     uint64_t dump = s.offset + L.dump, sizes[5] = {E, E, C, 1, 1};
@@ -178,7 +177,7 @@ vkg_status vkg_moe_router_record(const vkg_op_call *c)
     vkg_moe_stats_args ta = {.logits = logits, .ids = c->out[0]->ref, .lse = lse, .counts = st[0], .fraction = st[1],
                              .mean_score = st[2], .load_balance = st[3], .z_loss = st[4], .T = (uint32_t)T, .C = C,
                              .first = first, .k = k, .sigmoid = sigmoid, .temperature = temp};
-    return vkg_moe_stats(c->cmd, &ta);
+    return vkg_moe_route(c->cmd, &sa, &ta);
 }
 
 /* ---- moe_experts ---- */

@@ -61,7 +61,13 @@ static vkg_status infer_shapes(vkg_session *s, const vkg_session_desc *d)
         for (uint32_t i = node->n_inputs; i < op->max_inputs; i++) in[i] = NULL;
         vkg_shape out[64];
         vkg_status st = op->infer(g, node, in, out);
-        if (st != VKG_SUCCESS) return vkg_fail(VKG_ERROR_INVALID_ARGUMENT, "%s", vkg_last_error());
+        if (st != VKG_SUCCESS) {
+            /* Re-raise as a bad-argument status (these shapes come from the caller's dims); the
+             * message is copied out first because vkg_fail writes the buffer it would read. */
+            char msg[1024];
+            snprintf(msg, sizeof msg, "%s", vkg_last_error());
+            return vkg_fail(VKG_ERROR_INVALID_ARGUMENT, "%s", msg);
+        }
         for (uint32_t o = 0; o < node->n_outputs; o++) {
             const vkg_ir_tensor *ot = &g->tensors[node->outputs[o]];
             if (ot->rank != out[o].rank)
@@ -208,14 +214,17 @@ done:
     return st;
 }
 
-static vkg_status record(vkg_session *s)
+/* Records the whole graph into a new command buffer with the tensors' current memory; on success
+ * replaces the session's (and its dispatch-to-node table), on failure leaves them as they were. */
+static vkg_status record_graph(vkg_session *s, vkg_cmd **cmd_out, uint32_t **node_out, uint32_t *n_out)
 {
     const vkg_graph *g = s->model->g;
-    VKG_TRY(vkg_cmd_begin(s->model->ctx, s->profile, &s->cmd));
-    uint32_t cap = 2 * g->n_nodes + 8;
-    s->dispatch_node = malloc(cap * sizeof *s->dispatch_node);
-    if (!s->dispatch_node) return vkg_fail(VKG_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
-    for (uint32_t n = 0; n < g->n_nodes; n++) {
+    uint32_t cap = 2 * g->n_nodes + 8, n_dispatch = 0;
+    uint32_t *dispatch_node = malloc(cap * sizeof *dispatch_node);
+    if (!dispatch_node) return vkg_fail(VKG_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+    vkg_cmd *cmd = NULL;
+    vkg_status st = vkg_cmd_begin(s->model->ctx, s->profile, &cmd);
+    for (uint32_t n = 0; n < g->n_nodes && st == VKG_SUCCESS; n++) {
         const vkg_ir_node *node = &g->nodes[n];
         const vkg_op_def *op = vkg_op_find(node->op);
         if (!op->record && !op->record_call) continue;
@@ -223,26 +232,71 @@ static vkg_status record(vkg_session *s)
         for (uint32_t i = 0; i < op->max_inputs; i++)
             in[i] = i < node->n_inputs && node->inputs[i] != VKG_IR_NONE ? &s->rt[node->inputs[i]] : NULL;
         for (uint32_t i = 0; i < node->n_outputs; i++) outs[i] = &s->rt[node->outputs[i]];
-        uint32_t before = vkg_cmd_dispatch_count(s->cmd);
-        vkg_status st;
+        uint32_t before = vkg_cmd_dispatch_count(cmd);
         if (op->record_call) {
-            vkg_op_call call = {s->cmd, node, in, outs, s->scratch[n], s->scratch_bytes[n]};
+            vkg_op_call call = {cmd, node, in, outs, s->scratch[n], s->scratch_bytes[n]};
             st = op->record_call(&call);
         } else {
-            st = op->record(s->cmd, node, in, outs[0]);
+            st = op->record(cmd, node, in, outs[0]);
         }
-        if (st != VKG_SUCCESS) return vkg_fail_prefix(st, "%s: node \"%s\" (op %s)", g->source, node->name, node->op);
-        for (uint32_t d = before; d < vkg_cmd_dispatch_count(s->cmd); d++) {
-            if (s->n_dispatch == cap) {
+        if (st != VKG_SUCCESS) {
+            st = vkg_fail_prefix(st, "%s: node \"%s\" (op %s)", g->source, node->name, node->op);
+            break;
+        }
+        for (uint32_t d = before; d < vkg_cmd_dispatch_count(cmd); d++) {
+            if (n_dispatch == cap) {
                 cap *= 2;
-                uint32_t *nd = realloc(s->dispatch_node, cap * sizeof *nd);
-                if (!nd) return vkg_fail(VKG_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
-                s->dispatch_node = nd;
+                uint32_t *nd = realloc(dispatch_node, cap * sizeof *nd);
+                if (!nd) {
+                    st = vkg_fail(VKG_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+                    break;
+                }
+                dispatch_node = nd;
             }
-            s->dispatch_node[s->n_dispatch++] = n;
+            dispatch_node[n_dispatch++] = n;
         }
     }
-    return vkg_cmd_end(s->cmd);
+    if (st == VKG_SUCCESS) st = vkg_cmd_end(cmd);
+    if (st != VKG_SUCCESS) {
+        vkg_cmd_destroy(cmd);
+        free(dispatch_node);
+        return st;
+    }
+    *cmd_out = cmd;
+    *node_out = dispatch_node;
+    *n_out = n_dispatch;
+    return VKG_SUCCESS;
+}
+
+/* (Re-)records the session; the previous command buffer, if any, is destroyed only on success. */
+static vkg_status record(vkg_session *s)
+{
+    vkg_cmd *cmd;
+    uint32_t *dispatch_node, n;
+    VKG_TRY(record_graph(s, &cmd, &dispatch_node, &n));
+    vkg_cmd_destroy(s->cmd);
+    free(s->dispatch_node);
+    s->cmd = cmd;
+    s->dispatch_node = dispatch_node;
+    s->n_dispatch = n;
+    s->ran = false; /* timestamps belong to the old command buffer */
+    return VKG_SUCCESS;
+}
+
+/* The object vkg_session_submit signals: a timeline semaphore, or a fence where there is none. */
+static vkg_status create_sync(vkg_session *s)
+{
+    vkg_context *ctx = s->model->ctx;
+    if (ctx->use_timeline) {
+        VkSemaphoreTypeCreateInfo type = {.sType = VK_STRUCTURE_TYPE_SEMAPHORE_TYPE_CREATE_INFO,
+                                          .semaphoreType = VK_SEMAPHORE_TYPE_TIMELINE, .initialValue = 0};
+        VkSemaphoreCreateInfo ci = {.sType = VK_STRUCTURE_TYPE_SEMAPHORE_CREATE_INFO, .pNext = &type};
+        VKG_VK(vkCreateSemaphore(ctx->device, &ci, NULL, &s->timeline));
+    } else {
+        VkFenceCreateInfo ci = {.sType = VK_STRUCTURE_TYPE_FENCE_CREATE_INFO};
+        VKG_VK(vkCreateFence(ctx->device, &ci, NULL, &s->fence));
+    }
+    return VKG_SUCCESS;
 }
 
 vkg_status vkg_session_create(vkg_model *model, const vkg_session_desc *desc, vkg_session **out)
@@ -259,12 +313,15 @@ vkg_status vkg_session_create(vkg_model *model, const vkg_session_desc *desc, vk
     s->rt = calloc(nt ? nt : 1, sizeof *s->rt);
     s->root = calloc(nt ? nt : 1, sizeof *s->root);
     s->own = calloc(nt ? nt : 1, sizeof *s->own);
+    s->bound = calloc(nt ? nt : 1, sizeof *s->bound);
     s->scratch = calloc(model->g->n_nodes + 1, sizeof *s->scratch);
     s->scratch_bytes = calloc(model->g->n_nodes + 1, sizeof *s->scratch_bytes);
-    vkg_status st = s->rt && s->root && s->own && s->scratch && s->scratch_bytes ? VKG_SUCCESS : vkg_fail(VKG_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+    vkg_status st = s->rt && s->root && s->own && s->bound && s->scratch && s->scratch_bytes
+                        ? VKG_SUCCESS : vkg_fail(VKG_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
     if (st == VKG_SUCCESS) st = infer_shapes(s, &d);
     if (st == VKG_SUCCESS) st = plan_memory(s);
     if (st == VKG_SUCCESS) st = record(s);
+    if (st == VKG_SUCCESS) st = create_sync(s);
     if (st == VKG_SUCCESS) st = vkg_context_check_validation(model->ctx);
     if (st != VKG_SUCCESS) {
         vkg_session_destroy(s);
@@ -277,11 +334,19 @@ vkg_status vkg_session_create(vkg_model *model, const vkg_session_desc *desc, vk
 void vkg_session_destroy(vkg_session *s)
 {
     if (!s) return;
+    VkDevice dev = s->model->ctx->device;
+    /* A submitted run still uses the command buffer and memory: let it finish first. */
+    if (s->pending) (void)vkg_session_wait(s, UINT64_MAX);
+    if (s->timeline) vkDestroySemaphore(dev, s->timeline, NULL);
+    if (s->fence) vkDestroyFence(dev, s->fence, NULL);
     vkg_cmd_destroy(s->cmd);
     if (s->own)
         for (uint32_t t = 0; t < s->model->g->n_tensors; t++) vkg_buf_destroy(s->own[t]);
+    if (s->bound) /* wrappers only: the VkBuffers are the application's */
+        for (uint32_t t = 0; t < s->model->g->n_tensors; t++) free(s->bound[t]);
     vkg_buf_destroy(s->arena);
     free(s->own);
+    free(s->bound);
     free(s->scratch);
     free(s->scratch_bytes);
     free(s->rt);
@@ -320,6 +385,25 @@ vkg_status vkg_session_tensor(const vkg_session *s, const char *name, vkg_tensor
     return VKG_SUCCESS;
 }
 
+/* Refuses calls that need the session's memory or command buffer while a submit is not waited for. */
+static vkg_status idle(const vkg_session *s, const char *call)
+{
+    if (!s->pending) return VKG_SUCCESS;
+    return vkg_fail(VKG_ERROR_INVALID_ARGUMENT,
+                    "%s: run %llu of this session was submitted and not yet waited for; call vkg_session_wait first",
+                    call, (unsigned long long)s->submitted);
+}
+
+static vkg_status not_bound(const vkg_session *s, uint32_t t, const char *call, const char *verb)
+{
+    if (!s->bound[s->root[t]]) return VKG_SUCCESS;
+    const vkg_ir_tensor *ti = &s->model->g->tensors[t];
+    return vkg_fail(VKG_ERROR_INVALID_ARGUMENT,
+                    "%s: %s \"%s\" is bound to an application buffer (vkg_session_bind_buffer): %s that buffer "
+                    "instead, or unbind it with VK_NULL_HANDLE", call, ti->role == VKG_ROLE_INPUT ? "input" : "output",
+                    ti->name, verb);
+}
+
 static vkg_status io_bytes(const vkg_session *s, uint32_t t, size_t bytes, const char *what)
 {
     const vkg_ir_tensor *ti = &s->model->g->tensors[t];
@@ -335,7 +419,9 @@ vkg_status vkg_session_set_input(vkg_session *s, const char *name, const void *d
 {
     uint32_t t;
     if (!s || (!data && bytes)) return vkg_fail(VKG_ERROR_INVALID_ARGUMENT, "vkg_session_set_input: NULL argument");
+    VKG_TRY(idle(s, "vkg_session_set_input"));
     VKG_TRY(find_io(s, name, VKG_ROLE_INPUT, &t));
+    VKG_TRY(not_bound(s, t, "vkg_session_set_input", "write"));
     VKG_TRY(io_bytes(s, t, bytes, "input"));
     const vkg_rt_tensor *rt = &s->rt[t];
     return vkg_buf_upload((vkg_buf *)rt->ref.buf, rt->ref.offset, data, bytes);
@@ -344,16 +430,184 @@ vkg_status vkg_session_set_input(vkg_session *s, const char *name, const void *d
 vkg_status vkg_session_run(vkg_session *s)
 {
     if (!s) return vkg_fail(VKG_ERROR_INVALID_ARGUMENT, "vkg_session_run: NULL session");
-    VKG_TRY(vkg_cmd_submit_wait(s->cmd));
-    s->ran = true;
+    VKG_TRY(vkg_session_submit(s, NULL));
+    return vkg_session_wait(s, UINT64_MAX);
+}
+
+vkg_status vkg_session_submit(vkg_session *s, const vkg_submit_desc *desc)
+{
+    if (!s) return vkg_fail(VKG_ERROR_INVALID_ARGUMENT, "vkg_session_submit: NULL session");
+    VKG_TRY(idle(s, "vkg_session_submit"));
+    vkg_submit_desc d = {0};
+    if (desc) d = *desc;
+    if (d.n_wait && !d.wait_semaphores)
+        return vkg_fail(VKG_ERROR_INVALID_ARGUMENT, "vkg_session_submit: n_wait is %u but wait_semaphores is NULL", d.n_wait);
+    if (d.n_signal && !d.signal_semaphores)
+        return vkg_fail(VKG_ERROR_INVALID_ARGUMENT, "vkg_session_submit: n_signal is %u but signal_semaphores is NULL",
+                        d.n_signal);
+    for (uint32_t i = 0; i < d.n_wait; i++)
+        if (!d.wait_semaphores[i])
+            return vkg_fail(VKG_ERROR_INVALID_ARGUMENT, "vkg_session_submit: wait_semaphores[%u] is VK_NULL_HANDLE", i);
+    for (uint32_t i = 0; i < d.n_signal; i++)
+        if (!d.signal_semaphores[i])
+            return vkg_fail(VKG_ERROR_INVALID_ARGUMENT, "vkg_session_submit: signal_semaphores[%u] is VK_NULL_HANDLE", i);
+    vkg_context *ctx = s->model->ctx;
+    if ((d.wait_values || d.signal_values) && !ctx->info.timeline_semaphore)
+        return vkg_fail(VKG_ERROR_UNSUPPORTED,
+                        "vkg_session_submit: %s given, but the device has no timeline semaphores enabled for vkg "
+                        "(an adopted device needs VKG_FEATURE_TIMELINE_SEMAPHORE in external.enabled_features)",
+                        d.wait_values ? "wait_values" : "signal_values");
+    uint64_t value = s->submitted + 1;
+    vkg_cmd_submit_info info = {d.wait_semaphores, d.wait_values, d.n_wait, d.signal_semaphores, d.signal_values,
+                                d.n_signal, s->timeline, s->timeline ? value : 0, s->fence};
+    if (s->fence) VKG_VK(vkResetFences(ctx->device, 1, &s->fence));
+    VKG_TRY(vkg_cmd_submit(s->cmd, &info));
+    s->submitted = value;
+    s->pending = true;
     return VKG_SUCCESS;
+}
+
+vkg_status vkg_session_wait(vkg_session *s, uint64_t timeout_ns)
+{
+    if (!s) return vkg_fail(VKG_ERROR_INVALID_ARGUMENT, "vkg_session_wait: NULL session");
+    if (!s->pending) return VKG_SUCCESS;
+    vkg_context *ctx = s->model->ctx;
+    VkResult r;
+    const char *call;
+    if (s->timeline) {
+        VkSemaphoreWaitInfo wi = {.sType = VK_STRUCTURE_TYPE_SEMAPHORE_WAIT_INFO, .semaphoreCount = 1,
+                                  .pSemaphores = &s->timeline, .pValues = &s->submitted};
+        r = ctx->wait_semaphores(ctx->device, &wi, timeout_ns);
+        call = "vkWaitSemaphores";
+    } else {
+        r = vkWaitForFences(ctx->device, 1, &s->fence, VK_TRUE, timeout_ns);
+        call = "vkWaitForFences";
+    }
+    if (r == VK_TIMEOUT)
+        return vkg_fail(VKG_TIMEOUT, "vkg_session_wait: run %llu of the session has not completed after %llu ns",
+                        (unsigned long long)s->submitted, (unsigned long long)timeout_ns);
+    /* Completed, or failed for good (a lost device does not come back): either way not pending. */
+    s->pending = false;
+    if (r != VK_SUCCESS) return vkg_fail_vk(r, call);
+    s->ran = true;
+    return vkg_cmd_complete(s->cmd);
+}
+
+VkSemaphore vkg_session_timeline(const vkg_session *s) { return s ? s->timeline : VK_NULL_HANDLE; }
+uint64_t vkg_session_timeline_value(const vkg_session *s) { return s ? s->submitted : 0; }
+VkFence vkg_session_fence(const vkg_session *s) { return s ? s->fence : VK_NULL_HANDLE; }
+
+vkg_status vkg_session_record(vkg_session *s, VkCommandBuffer cb)
+{
+    if (!s || !cb)
+        return vkg_fail(VKG_ERROR_INVALID_ARGUMENT, "vkg_session_record: %s is NULL", s ? "command buffer" : "session");
+    return vkg_cmd_replay(s->cmd, cb);
+}
+
+/* Points tensor t, and every view of it, at offset 0 of buf. */
+static void point_at(vkg_session *s, uint32_t t, vkg_buf *buf)
+{
+    for (uint32_t u = 0; u < s->model->g->n_tensors; u++)
+        if (s->root[u] == t) s->rt[u].ref = (vkg_tref){buf, 0};
+}
+
+vkg_status vkg_session_bind_buffer(vkg_session *s, const char *name, VkBuffer buffer, VkDeviceSize offset,
+                                   VkDeviceSize size)
+{
+    if (!s || !name) return vkg_fail(VKG_ERROR_INVALID_ARGUMENT, "vkg_session_bind_buffer: %s is NULL", s ? "tensor" : "session");
+    VKG_TRY(idle(s, "vkg_session_bind_buffer"));
+    const vkg_graph *g = s->model->g;
+    vkg_context *ctx = s->model->ctx;
+    uint32_t t = vkg_ir_tensor_find(g, name);
+    if (t == VKG_IR_NONE || (g->tensors[t].role != VKG_ROLE_INPUT && g->tensors[t].role != VKG_ROLE_OUTPUT)) {
+        char names[512] = "";
+        size_t len = 0;
+        for (uint32_t i = 0; i < g->n_inputs + g->n_outputs && len < sizeof names; i++) {
+            uint32_t id = i < g->n_inputs ? g->inputs[i] : g->outputs[i - g->n_inputs];
+            len += (size_t)snprintf(names + len, sizeof names - len, "%s\"%s\"", i ? ", " : "", g->tensors[id].name);
+        }
+        if (t == VKG_IR_NONE)
+            return vkg_fail(VKG_ERROR_INVALID_ARGUMENT,
+                            "vkg_session_bind_buffer: %s has no tensor named \"%s\"; graph inputs and outputs: %s",
+                            g->source, name, names);
+        return vkg_fail(VKG_ERROR_INVALID_ARGUMENT,
+                        "vkg_session_bind_buffer: %s: tensor \"%s\" is %s, not a graph input or output; only those "
+                        "can be bound: %s", g->source, name,
+                        g->tensors[t].role == VKG_ROLE_CONSTANT ? "a constant" : "an intermediate", names);
+    }
+    /* A view's memory is its root's: an output reshaped from an intermediate binds that
+     * intermediate's memory (a buffer of its own, planned for the output; the intermediate's readers
+     * read it there); a view of another input or output is refused: bind that tensor. Any other view
+     * of the bound memory follows it (and refuses set_input/get_output while bound). */
+    uint32_t r = s->root[t];
+    vkg_tensor_role root_role = g->tensors[r].role;
+    if (r != t && (root_role == VKG_ROLE_INPUT || root_role == VKG_ROLE_OUTPUT))
+        return vkg_fail(VKG_ERROR_INVALID_ARGUMENT,
+                        "vkg_session_bind_buffer: %s: %s \"%s\" is a view of \"%s\" (same memory); bind \"%s\" instead",
+                        g->source, g->tensors[t].role == VKG_ROLE_INPUT ? "input" : "output", name,
+                        g->tensors[s->root[t]].name, g->tensors[s->root[t]].name);
+    const char *what = g->tensors[t].role == VKG_ROLE_INPUT ? "input" : "output";
+    uint64_t bytes = vkg_shape_numel(&s->rt[r].shape) * vkg_dtype_size(g->tensors[r].dtype);
+
+    if (buffer == VK_NULL_HANDLE) { /* unbind: vkg's own memory again */
+        if (!s->bound[r]) return VKG_SUCCESS;
+        vkg_buf *own = NULL;
+        vkg_status st = vkg_buf_create(ctx, bytes, &own);
+        if (st != VKG_SUCCESS) return vkg_fail_prefix(st, "vkg_session_bind_buffer: %s \"%s\"", what, name);
+        point_at(s, r, own);
+        st = record(s);
+        if (st != VKG_SUCCESS) {
+            point_at(s, r, s->bound[r]);
+            vkg_buf_destroy(own);
+            return st;
+        }
+        free(s->bound[r]);
+        s->bound[r] = NULL;
+        s->own[r] = own;
+        return VKG_SUCCESS;
+    }
+
+    VkDeviceSize align = ctx->alignment;
+    if (offset % align)
+        return vkg_fail(VKG_ERROR_INVALID_ARGUMENT,
+                        "vkg_session_bind_buffer: %s \"%s\": offset %llu is not a multiple of %llu (max of 64, "
+                        "minStorageBufferOffsetAlignment %llu and minTexelBufferOffsetAlignment %llu)",
+                        what, name, (unsigned long long)offset, (unsigned long long)align,
+                        (unsigned long long)ctx->info.min_storage_offset_alignment,
+                        (unsigned long long)ctx->info.min_texel_offset_alignment);
+    VkDeviceSize need = bytes ? (bytes + 15) / 16 * 16 : 16;
+    if (size < need)
+        return vkg_fail(VKG_ERROR_INVALID_ARGUMENT,
+                        "vkg_session_bind_buffer: %s \"%s\" holds %llu bytes (%s, %llu elements): the bound range "
+                        "must have at least %llu bytes (rounded up to 16), got %llu",
+                        what, name, (unsigned long long)bytes, vkg_dtype_name(g->tensors[t].dtype),
+                        (unsigned long long)vkg_shape_numel(&s->rt[t].shape), (unsigned long long)need,
+                        (unsigned long long)size);
+    vkg_buf *wrap = calloc(1, sizeof *wrap);
+    if (!wrap) return vkg_fail(VKG_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+    *wrap = (vkg_buf){.ctx = ctx, .buffer = buffer, .offset = offset, .size = bytes, .capacity = size};
+    vkg_buf *prev = s->bound[r] ? s->bound[r] : s->own[r];
+    point_at(s, r, wrap);
+    vkg_status st = record(s);
+    if (st != VKG_SUCCESS) {
+        point_at(s, r, prev);
+        free(wrap);
+        return vkg_fail_prefix(st, "vkg_session_bind_buffer: %s \"%s\"", what, name);
+    }
+    free(s->bound[r]);
+    s->bound[r] = wrap;
+    vkg_buf_destroy(s->own[r]); /* its memory is not needed while bound */
+    s->own[r] = NULL;
+    return vkg_context_check_validation(ctx);
 }
 
 vkg_status vkg_session_get_output(vkg_session *s, const char *name, void *data, size_t bytes)
 {
     uint32_t t;
     if (!s || (!data && bytes)) return vkg_fail(VKG_ERROR_INVALID_ARGUMENT, "vkg_session_get_output: NULL argument");
+    VKG_TRY(idle(s, "vkg_session_get_output"));
     VKG_TRY(find_io(s, name, VKG_ROLE_OUTPUT, &t));
+    VKG_TRY(not_bound(s, t, "vkg_session_get_output", "read"));
     VKG_TRY(io_bytes(s, t, bytes, "output"));
     const vkg_rt_tensor *rt = &s->rt[t];
     return vkg_buf_download((vkg_buf *)rt->ref.buf, rt->ref.offset, data, bytes);

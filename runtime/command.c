@@ -12,6 +12,22 @@ typedef struct access {
     bool indirect; /* read as vkCmdDispatchIndirect's arguments, not by a shader */
 } access;
 
+/* What the command buffer holds, kept so vkg_cmd_replay can record it again elsewhere. */
+typedef enum op_kind { OP_BARRIER, OP_DISPATCH, OP_DISPATCH_INDIRECT } op_kind;
+
+typedef struct op {
+    op_kind kind;
+    VkPipelineStageFlags src_stage, dst_stage; /* barriers */
+    VkAccessFlags src_access, dst_access;
+    VkPipeline pipeline; /* dispatches */
+    VkPipelineLayout layout;
+    VkDescriptorSet set;
+    uint32_t push_offset, push_size; /* bytes in vkg_cmd.push */
+    uint32_t grid[3];
+    VkBuffer args; /* indirect */
+    VkDeviceSize args_offset;
+} op;
+
 struct vkg_cmd {
     vkg_context *ctx;
     VkCommandBuffer cb;
@@ -25,6 +41,11 @@ struct vkg_cmd {
     /* accesses since the last barrier: a new dispatch that conflicts with one of these needs one */
     access *pending;
     uint32_t npending, cappending;
+
+    op *ops;
+    uint32_t nops, capops;
+    uint8_t *push;
+    uint32_t npush, cappush;
 
     uint32_t ndispatch, nbarrier;
     VkQueryPool queries;
@@ -134,6 +155,49 @@ static vkg_status add_pending(vkg_cmd *c, access a)
     return VKG_SUCCESS;
 }
 
+static vkg_status log_op(vkg_cmd *c, const op *o, const void *push)
+{
+    if (c->nops == c->capops) {
+        uint32_t cap = c->capops ? 2 * c->capops : 64;
+        op *n = realloc(c->ops, cap * sizeof *n);
+        if (!n) return vkg_fail(VKG_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+        c->ops = n;
+        c->capops = cap;
+    }
+    op *dst = &c->ops[c->nops];
+    *dst = *o;
+    if (o->push_size && push) {
+        if (c->npush + o->push_size > c->cappush) {
+            uint32_t cap = c->cappush ? 2 * c->cappush : 1024;
+            while (cap < c->npush + o->push_size) cap *= 2;
+            uint8_t *n = realloc(c->push, cap);
+            if (!n) return vkg_fail(VKG_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+            c->push = n;
+            c->cappush = cap;
+        }
+        memcpy(c->push + c->npush, push, o->push_size);
+        dst->push_offset = c->npush;
+        c->npush += o->push_size;
+    }
+    c->nops++;
+    return VKG_SUCCESS;
+}
+
+static void record_op(VkCommandBuffer cb, const op *o, const uint8_t *push)
+{
+    if (o->kind == OP_BARRIER) {
+        VkMemoryBarrier mb = {.sType = VK_STRUCTURE_TYPE_MEMORY_BARRIER, .srcAccessMask = o->src_access,
+                              .dstAccessMask = o->dst_access};
+        vkCmdPipelineBarrier(cb, o->src_stage, o->dst_stage, 0, 1, &mb, 0, NULL, 0, NULL);
+        return;
+    }
+    vkCmdBindPipeline(cb, VK_PIPELINE_BIND_POINT_COMPUTE, o->pipeline);
+    vkCmdBindDescriptorSets(cb, VK_PIPELINE_BIND_POINT_COMPUTE, o->layout, 0, 1, &o->set, 0, NULL);
+    if (o->push_size) vkCmdPushConstants(cb, o->layout, VK_SHADER_STAGE_COMPUTE_BIT, 0, o->push_size, push + o->push_offset);
+    if (o->kind == OP_DISPATCH_INDIRECT) vkCmdDispatchIndirect(cb, o->args, o->args_offset);
+    else if (o->grid[0] && o->grid[1] && o->grid[2]) vkCmdDispatch(cb, o->grid[0], o->grid[1], o->grid[2]);
+}
+
 static vkg_status dispatch(vkg_cmd *c, const vkg_pipeline *p, const vkg_binding *bindings, const void *push,
                            uint32_t gx, uint32_t gy, uint32_t gz, const vkg_buf *args, VkDeviceSize args_offset,
                            const char *label)
@@ -164,6 +228,16 @@ static vkg_status dispatch(vkg_cmd *c, const vkg_pipeline *p, const vkg_binding 
          * words. Both stay inside the allocation, which is padded to a multiple of 64 bytes. */
         range = range ? (range + 3) / 4 * 4 : 4;
         VkDeviceSize abs = b->buf->offset + b->offset;
+        /* An application buffer ends where the application said: the rounding must stay inside. */
+        VkDeviceSize limit = b->buf->capacity;
+        VkDeviceSize whole = b->format != VK_FORMAT_UNDEFINED && p->desc.bindings[i] != VKG_BIND_STORAGE
+                                 ? texel_bytes(b->format) : 4;
+        if (limit && whole && b->offset + (range + whole - 1) / whole * whole > limit)
+            return vkg_fail(VKG_ERROR_INVALID_ARGUMENT,
+                            "%s: binding %u covers bytes [%llu, %llu) of an application buffer range of %llu bytes "
+                            "(whole %llu-byte %s); bind a larger range", label, i, (unsigned long long)b->offset,
+                            (unsigned long long)(b->offset + (range + whole - 1) / whole * whole),
+                            (unsigned long long)limit, (unsigned long long)whole, whole == 4 ? "words" : "texels");
         acc[i] = (access){b->buf->buffer, abs, abs + range, b->write, false};
         w[i] = (VkWriteDescriptorSet){.sType = VK_STRUCTURE_TYPE_WRITE_DESCRIPTOR_SET, .dstBinding = i,
                                       .descriptorCount = 1};
@@ -251,20 +325,23 @@ static vkg_status dispatch(vkg_cmd *c, const vkg_pipeline *p, const vkg_binding 
                                    (src_indirect ? VK_PIPELINE_STAGE_DRAW_INDIRECT_BIT : 0);
         VkPipelineStageFlags dst = VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT |
                                    (indirect ? VK_PIPELINE_STAGE_DRAW_INDIRECT_BIT : 0);
-        vkCmdPipelineBarrier(c->cb, src, dst, 0, 1, &mb, 0, NULL, 0, NULL);
+        op bo = {.kind = OP_BARRIER, .src_stage = src, .dst_stage = dst, .src_access = mb.srcAccessMask,
+                 .dst_access = mb.dstAccessMask};
+        VKG_TRY(log_op(c, &bo, NULL));
+        record_op(c->cb, &bo, NULL);
         c->npending = 0;
         c->nbarrier++;
     }
     for (uint32_t i = 0; i < nacc; i++) VKG_TRY(add_pending(c, acc[i]));
 
-    vkCmdBindPipeline(c->cb, VK_PIPELINE_BIND_POINT_COMPUTE, p->pipeline);
-    vkCmdBindDescriptorSets(c->cb, VK_PIPELINE_BIND_POINT_COMPUTE, p->layout, 0, 1, &set, 0, NULL);
-    if (p->desc.push_size) vkCmdPushConstants(c->cb, p->layout, VK_SHADER_STAGE_COMPUTE_BIT, 0, p->desc.push_size, push);
     if (c->profile && c->ndispatch + 1 >= MAX_QUERIES)
         return vkg_fail(VKG_ERROR_UNSUPPORTED, "profiling records at most %d dispatches per command buffer",
                         MAX_QUERIES - 1);
-    if (args) vkCmdDispatchIndirect(c->cb, args->buffer, args->offset + args_offset);
-    else if (gx && gy && gz) vkCmdDispatch(c->cb, gx, gy, gz);
+    op d = {.kind = args ? OP_DISPATCH_INDIRECT : OP_DISPATCH, .pipeline = p->pipeline, .layout = p->layout,
+            .set = set, .push_size = p->desc.push_size, .grid = {gx, gy, gz},
+            .args = args ? args->buffer : VK_NULL_HANDLE, .args_offset = args ? args->offset + args_offset : 0};
+    VKG_TRY(log_op(c, &d, push));
+    record_op(c->cb, &c->ops[c->nops - 1], c->push);
     if (c->profile) {
         if (c->ndispatch >= c->capqueries) VKG_TRY(grow_labels(c));
         c->labels[c->ndispatch] = label ? label : p->desc.shader;
@@ -291,10 +368,11 @@ vkg_status vkg_cmd_end(vkg_cmd *c)
 {
     if (c->ended) return VKG_SUCCESS;
     /* Results are read by the host after the fence: make shader writes visible to it. */
-    VkMemoryBarrier mb = {.sType = VK_STRUCTURE_TYPE_MEMORY_BARRIER, .srcAccessMask = VK_ACCESS_SHADER_WRITE_BIT,
-                          .dstAccessMask = VK_ACCESS_HOST_READ_BIT | VK_ACCESS_TRANSFER_READ_BIT};
-    vkCmdPipelineBarrier(c->cb, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT,
-                         VK_PIPELINE_STAGE_HOST_BIT | VK_PIPELINE_STAGE_TRANSFER_BIT, 0, 1, &mb, 0, NULL, 0, NULL);
+    op end = {.kind = OP_BARRIER, .src_stage = VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT,
+              .dst_stage = VK_PIPELINE_STAGE_HOST_BIT | VK_PIPELINE_STAGE_TRANSFER_BIT,
+              .src_access = VK_ACCESS_SHADER_WRITE_BIT, .dst_access = VK_ACCESS_HOST_READ_BIT | VK_ACCESS_TRANSFER_READ_BIT};
+    VKG_TRY(log_op(c, &end, NULL));
+    record_op(c->cb, &end, NULL);
     VKG_VK(vkEndCommandBuffer(c->cb));
     c->ended = true;
     return VKG_SUCCESS;
@@ -309,13 +387,75 @@ vkg_status vkg_cmd_submit_wait(vkg_cmd *c)
     VkResult r = vkWaitForFences(ctx->device, 1, &ctx->fence, VK_TRUE, UINT64_MAX);
     vkResetFences(ctx->device, 1, &ctx->fence);
     if (r != VK_SUCCESS) return vkg_fail_vk(r, "vkWaitForFences");
+    return vkg_cmd_complete(c);
+}
+
+vkg_status vkg_cmd_complete(vkg_cmd *c)
+{
     if (c->queries && c->ndispatch) {
-        r = vkGetQueryPoolResults(ctx->device, c->queries, 0, c->ndispatch + 1, (c->ndispatch + 1) * sizeof(uint64_t),
-                                  c->stamps, sizeof(uint64_t), VK_QUERY_RESULT_64_BIT | VK_QUERY_RESULT_WAIT_BIT);
+        VkResult r = vkGetQueryPoolResults(c->ctx->device, c->queries, 0, c->ndispatch + 1,
+                                           (c->ndispatch + 1) * sizeof(uint64_t), c->stamps, sizeof(uint64_t),
+                                           VK_QUERY_RESULT_64_BIT | VK_QUERY_RESULT_WAIT_BIT);
         if (r != VK_SUCCESS) return vkg_fail_vk(r, "vkGetQueryPoolResults");
         c->stamps_valid = true;
     }
-    return vkg_context_check_validation(ctx);
+    return vkg_context_check_validation(c->ctx);
+}
+
+vkg_status vkg_cmd_submit(vkg_cmd *c, const vkg_cmd_submit_info *in)
+{
+    vkg_context *ctx = c->ctx;
+    VKG_TRY(vkg_cmd_end(c));
+    uint32_t nsig = in->n_signal + (in->timeline ? 1u : 0u);
+    bool values = in->timeline || in->wait_values || in->signal_values;
+    if (values && !ctx->info.timeline_semaphore)
+        return vkg_fail(VKG_ERROR_UNSUPPORTED, "timeline semaphore values given, but the device has no timeline "
+                        "semaphores enabled for vkg (an adopted device needs VKG_FEATURE_TIMELINE_SEMAPHORE)");
+    /* One allocation for every array of the submission. */
+    size_t n = (size_t)in->n_wait + nsig;
+    uint8_t *mem = malloc(n * (sizeof(VkSemaphore) + sizeof(uint64_t)) + in->n_wait * sizeof(VkPipelineStageFlags) + 1);
+    if (!mem) return vkg_fail(VKG_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+    uint64_t *wait_v = (uint64_t *)mem, *sig_v = wait_v + in->n_wait;
+    VkSemaphore *sig = (VkSemaphore *)(sig_v + nsig);
+    VkPipelineStageFlags *stages = (VkPipelineStageFlags *)(sig + nsig);
+    for (uint32_t i = 0; i < in->n_wait; i++) {
+        wait_v[i] = in->wait_values ? in->wait_values[i] : 0;
+        stages[i] = VK_PIPELINE_STAGE_ALL_COMMANDS_BIT;
+    }
+    for (uint32_t i = 0; i < in->n_signal; i++) {
+        sig[i] = in->signal[i];
+        sig_v[i] = in->signal_values ? in->signal_values[i] : 0;
+    }
+    if (in->timeline) {
+        sig[in->n_signal] = in->timeline;
+        sig_v[in->n_signal] = in->timeline_value;
+    }
+    VkTimelineSemaphoreSubmitInfo ts = {.sType = VK_STRUCTURE_TYPE_TIMELINE_SEMAPHORE_SUBMIT_INFO,
+                                        .waitSemaphoreValueCount = in->n_wait, .pWaitSemaphoreValues = wait_v,
+                                        .signalSemaphoreValueCount = nsig, .pSignalSemaphoreValues = sig_v};
+    VkSubmitInfo si = {.sType = VK_STRUCTURE_TYPE_SUBMIT_INFO, .pNext = values ? &ts : NULL,
+                       .waitSemaphoreCount = in->n_wait, .pWaitSemaphores = in->wait, .pWaitDstStageMask = stages,
+                       .commandBufferCount = 1, .pCommandBuffers = &c->cb,
+                       .signalSemaphoreCount = nsig, .pSignalSemaphores = sig};
+    VkResult r = vkQueueSubmit(ctx->queue, 1, &si, in->fence);
+    free(mem);
+    if (r != VK_SUCCESS) return vkg_fail_vk(r, "vkQueueSubmit");
+    return VKG_SUCCESS;
+}
+
+vkg_status vkg_cmd_replay(const vkg_cmd *c, VkCommandBuffer cb)
+{
+    if (!c->ended) return vkg_fail(VKG_ERROR_INVALID_ARGUMENT, "vkg_cmd_replay: the recording has not ended");
+    /* Earlier executions of this work (same memory: the arena, outputs, indirect arguments) finish
+     * their accesses before this one starts. */
+    op lead = {.kind = OP_BARRIER,
+               .src_stage = VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT | VK_PIPELINE_STAGE_DRAW_INDIRECT_BIT,
+               .dst_stage = VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT | VK_PIPELINE_STAGE_DRAW_INDIRECT_BIT,
+               .src_access = VK_ACCESS_SHADER_WRITE_BIT,
+               .dst_access = VK_ACCESS_SHADER_READ_BIT | VK_ACCESS_SHADER_WRITE_BIT | VK_ACCESS_INDIRECT_COMMAND_READ_BIT};
+    record_op(cb, &lead, NULL);
+    for (uint32_t i = 0; i < c->nops; i++) record_op(cb, &c->ops[i], c->push);
+    return VKG_SUCCESS;
 }
 
 void vkg_cmd_destroy(vkg_cmd *c)
@@ -329,6 +469,8 @@ void vkg_cmd_destroy(vkg_cmd *c)
     free(c->pools);
     free(c->views);
     free(c->pending);
+    free(c->ops);
+    free(c->push);
     free(c->labels);
     free(c->stamps);
     free(c);

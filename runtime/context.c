@@ -58,6 +58,9 @@ static vkg_status fill_info(VkPhysicalDevice pd, uint32_t index, vkg_device_info
     VkPhysicalDeviceFeatures2 feats = {.sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_FEATURES_2, .pNext = &s16};
     bool has_f16 = v12 || has_ext(exts, next, "VK_KHR_shader_float16_int8");
     if (has_f16) { f16.pNext = feats.pNext; feats.pNext = &f16; }
+    VkPhysicalDeviceTimelineSemaphoreFeatures tl = {.sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_TIMELINE_SEMAPHORE_FEATURES};
+    bool has_tl = v12 || has_ext(exts, next, "VK_KHR_timeline_semaphore");
+    if (has_tl) { tl.pNext = feats.pNext; feats.pNext = &tl; }
     vkGetPhysicalDeviceFeatures2(pd, &feats);
 
     const VkPhysicalDeviceLimits *L = &base.limits;
@@ -75,6 +78,7 @@ static vkg_status fill_info(VkPhysicalDevice pd, uint32_t index, vkg_device_info
 
     info->fp16_arithmetic = has_f16 && f16.shaderFloat16;
     info->storage_16bit = s16.storageBuffer16BitAccess;
+    info->timeline_semaphore = has_tl && tl.timelineSemaphore;
     if (sg.supportedStages & VK_SHADER_STAGE_COMPUTE_BIT) {
         info->subgroup_size = (int)sg.subgroupSize;
         info->subgroup_ops = sg.supportedOperations;
@@ -132,7 +136,7 @@ static vkg_status fill_info(VkPhysicalDevice pd, uint32_t index, vkg_device_info
 }
 
 static vkg_status create_instance(bool validation, VkInstance *out,
-                                  const VkDebugUtilsMessengerCreateInfoEXT *dbg)
+                                  const VkDebugUtilsMessengerCreateInfoEXT *dbg, uint32_t *api_out)
 {
     uint32_t api = VK_API_VERSION_1_1;
     uint32_t loader = 0;
@@ -168,6 +172,7 @@ static vkg_status create_instance(bool validation, VkInstance *out,
         ci.ppEnabledExtensionNames = exts;
         ci.pNext = dbg;
     }
+    if (api_out) *api_out = api;
     VkResult r = vkCreateInstance(&ci, NULL, out);
     if (r == VK_ERROR_INCOMPATIBLE_DRIVER)
         return vkg_fail(VKG_ERROR_NO_DEVICE, "vkCreateInstance: no Vulkan driver found (%s); on a machine "
@@ -180,7 +185,7 @@ vkg_status vkg_enumerate_devices(vkg_device_info *infos, uint32_t *count)
 {
     if (!count) return vkg_fail(VKG_ERROR_INVALID_ARGUMENT, "vkg_enumerate_devices: count is NULL");
     VkInstance inst;
-    VKG_TRY(create_instance(false, &inst, NULL));
+    VKG_TRY(create_instance(false, &inst, NULL, NULL));
     uint32_t n = 0;
     VkResult r = vkEnumeratePhysicalDevices(inst, &n, NULL);
     VkPhysicalDevice *pds = calloc(n ? n : 1, sizeof *pds);
@@ -299,7 +304,21 @@ static vkg_status pick_device(VkInstance inst, const char *want, VkPhysicalDevic
     return VKG_SUCCESS;
 }
 
-static vkg_status create_device(vkg_context *ctx)
+static bool device_has_ext(VkPhysicalDevice pd, const char *name)
+{
+    uint32_t n = 0;
+    if (vkEnumerateDeviceExtensionProperties(pd, NULL, &n, NULL) != VK_SUCCESS) return false;
+    VkExtensionProperties *exts = calloc(n ? n : 1, sizeof *exts);
+    if (!exts) return false;
+    VkResult r = vkEnumerateDeviceExtensionProperties(pd, NULL, &n, exts);
+    bool found = (r == VK_SUCCESS || r == VK_INCOMPLETE) && has_ext(exts, n, name);
+    free(exts);
+    return found;
+}
+
+/* instance_api: the apiVersion vkg created its instance with (core 1.2 features need both the
+ * instance and the device at 1.2). */
+static vkg_status create_device(vkg_context *ctx, uint32_t instance_api)
 {
     uint32_t nq = 0;
     vkGetPhysicalDeviceQueueFamilyProperties(ctx->phys, &nq, NULL);
@@ -323,6 +342,11 @@ static vkg_status create_device(vkg_context *ctx)
     bool v12 = ctx->info.api_version >= VK_API_VERSION_1_2;
     if (ctx->info.push_descriptors) exts[next++] = "VK_KHR_push_descriptor";
     if (ctx->info.fp16_arithmetic && !v12) exts[next++] = "VK_KHR_shader_float16_int8";
+    /* Timeline semaphores: core where instance and device are 1.2, else the KHR extension. */
+    bool tl_core = ctx->info.timeline_semaphore && v12 && instance_api >= VK_API_VERSION_1_2;
+    bool tl_ext = ctx->info.timeline_semaphore && !tl_core && device_has_ext(ctx->phys, "VK_KHR_timeline_semaphore");
+    ctx->info.timeline_semaphore = tl_core || tl_ext;
+    if (tl_ext) exts[next++] = "VK_KHR_timeline_semaphore";
 
     VkPhysicalDeviceShaderFloat16Int8Features f16 = {
         .sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_SHADER_FLOAT16_INT8_FEATURES,
@@ -331,6 +355,9 @@ static vkg_status create_device(vkg_context *ctx)
                                                 .storageBuffer16BitAccess = ctx->info.storage_16bit ? VK_TRUE : VK_FALSE};
     VkPhysicalDeviceFeatures2 feats = {.sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_FEATURES_2, .pNext = &s16};
     if (ctx->info.fp16_arithmetic) s16.pNext = &f16;
+    VkPhysicalDeviceTimelineSemaphoreFeatures tl = {.sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_TIMELINE_SEMAPHORE_FEATURES,
+                                                    .pNext = feats.pNext, .timelineSemaphore = VK_TRUE};
+    if (ctx->info.timeline_semaphore) feats.pNext = &tl;
 
     VkDeviceCreateInfo dci = {.sType = VK_STRUCTURE_TYPE_DEVICE_CREATE_INFO, .pNext = &feats,
                               .queueCreateInfoCount = 1, .pQueueCreateInfos = &qci,
@@ -396,6 +423,31 @@ static void save_pipeline_cache(vkg_context *ctx)
     free(data);
 }
 
+/* Looks up vkWaitSemaphores (core, else KHR): the one timeline entry point vkg calls. An adopted device that claims the
+ * feature without them is refused; a device vkg created falls back to fences. */
+static vkg_status load_timeline(vkg_context *ctx, bool external)
+{
+    if (!ctx->info.timeline_semaphore) return VKG_SUCCESS;
+    ctx->wait_semaphores = (PFN_vkWaitSemaphores)vkGetDeviceProcAddr(ctx->device, "vkWaitSemaphores");
+    if (!ctx->wait_semaphores)
+        ctx->wait_semaphores = (PFN_vkWaitSemaphores)vkGetDeviceProcAddr(ctx->device, "vkWaitSemaphoresKHR");
+    if (ctx->wait_semaphores) return VKG_SUCCESS;
+    ctx->info.timeline_semaphore = 0;
+    if (external)
+        return vkg_fail(VKG_ERROR_INVALID_ARGUMENT,
+                        "vkg_context_create: external.enabled_features has VKG_FEATURE_TIMELINE_SEMAPHORE but the "
+                        "device has neither vkWaitSemaphores (Vulkan 1.2) nor vkWaitSemaphoresKHR "
+                        "(VK_KHR_timeline_semaphore); enable one of them or drop the bit");
+    return VKG_SUCCESS;
+}
+
+vkg_status vkg_context_vulkan(const vkg_context *ctx, vkg_vulkan_handles *out)
+{
+    if (!ctx || !out) return vkg_fail(VKG_ERROR_INVALID_ARGUMENT, "vkg_context_vulkan: NULL argument");
+    *out = (vkg_vulkan_handles){ctx->instance, ctx->phys, ctx->device, ctx->queue, ctx->queue_family};
+    return VKG_SUCCESS;
+}
+
 void vkg_memory_destroy_all(vkg_context *ctx);
 void vkg_pipelines_destroy_all(vkg_context *ctx);
 
@@ -410,6 +462,7 @@ vkg_status vkg_context_create(const vkg_context_desc *desc_in, vkg_context **out
     if (!ctx) return vkg_fail(VKG_ERROR_OUT_OF_HOST_MEMORY, "out of host memory creating a context");
     vkg_status st = VKG_SUCCESS;
     bool external = desc.external.device != VK_NULL_HANDLE;
+    uint32_t instance_api = 0;
 
     if (external) {
         if (!desc.external.instance || !desc.external.physical_device || !desc.external.queue) {
@@ -429,6 +482,9 @@ vkg_status vkg_context_create(const vkg_context_desc *desc_in, vkg_context **out
             ctx->info.fp16_arithmetic &= (en & VKG_FEATURE_FP16_ARITHMETIC) != 0;
             ctx->info.storage_16bit &= (en & VKG_FEATURE_STORAGE_16BIT) != 0;
             ctx->info.push_descriptors &= (en & VKG_FEATURE_PUSH_DESCRIPTORS) != 0;
+            /* Enabled by the application, whatever the physical device reports (it may have enabled
+             * the extension on an older instance): load_timeline checks the entry points. */
+            ctx->info.timeline_semaphore = (en & VKG_FEATURE_TIMELINE_SEMAPHORE) != 0;
             uint32_t nq = 0;
             vkGetPhysicalDeviceQueueFamilyProperties(ctx->phys, &nq, NULL);
             VkQueueFamilyProperties qf[32];
@@ -450,7 +506,7 @@ vkg_status vkg_context_create(const vkg_context_desc *desc_in, vkg_context **out
                            VK_DEBUG_UTILS_MESSAGE_TYPE_PERFORMANCE_BIT_EXT,
             .pfnUserCallback = on_validation,
             .pUserData = ctx};
-        st = create_instance(ctx->validation, &ctx->instance, &dbg);
+        st = create_instance(ctx->validation, &ctx->instance, &dbg, &instance_api);
         if (st == VKG_SUCCESS && ctx->validation) {
             PFN_vkCreateDebugUtilsMessengerEXT create =
                 (PFN_vkCreateDebugUtilsMessengerEXT)vkGetInstanceProcAddr(ctx->instance, "vkCreateDebugUtilsMessengerEXT");
@@ -462,8 +518,11 @@ vkg_status vkg_context_create(const vkg_context_desc *desc_in, vkg_context **out
         }
         const char *want = desc.device ? desc.device : getenv("VKG_DEVICE");
         if (st == VKG_SUCCESS) st = pick_device(ctx->instance, want, &ctx->phys, &ctx->info);
-        if (st == VKG_SUCCESS) st = create_device(ctx);
+        if (st == VKG_SUCCESS) st = create_device(ctx, instance_api);
     }
+    if (st == VKG_SUCCESS) st = load_timeline(ctx, external);
+    /* VKG_DISABLE_TIMELINE=1: sessions signal completion on fences (tests the fallback anywhere). */
+    ctx->use_timeline = ctx->info.timeline_semaphore && !env_true("VKG_DISABLE_TIMELINE");
 
     if (st == VKG_SUCCESS) {
         VkCommandPoolCreateInfo cpi = {.sType = VK_STRUCTURE_TYPE_COMMAND_POOL_CREATE_INFO,

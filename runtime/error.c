@@ -10,6 +10,7 @@ const char *vkg_status_name(vkg_status s)
 {
     switch (s) {
     case VKG_SUCCESS: return "VKG_SUCCESS";
+    case VKG_TIMEOUT: return "VKG_TIMEOUT";
     case VKG_ERROR_INVALID_ARGUMENT: return "VKG_ERROR_INVALID_ARGUMENT";
     case VKG_ERROR_OUT_OF_HOST_MEMORY: return "VKG_ERROR_OUT_OF_HOST_MEMORY";
     case VKG_ERROR_OUT_OF_DEVICE_MEMORY: return "VKG_ERROR_OUT_OF_DEVICE_MEMORY";

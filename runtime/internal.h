@@ -50,6 +50,10 @@ typedef struct vkg_buf {
     VkDeviceSize offset;  /* of this range within buffer */
     VkDeviceSize size;    /* bytes requested */
     void *mapped;         /* host pointer when the block is host-visible, else NULL */
+    /* Bytes from `offset` that bindings may touch once rounded up to whole words or texels. 0 for
+     * vkg's own allocations (padded to the context's alignment); set for an application's VkBuffer
+     * wrapped by vkg_session_bind_buffer (block NULL), whose range ends where the application said. */
+    VkDeviceSize capacity;
 } vkg_buf;
 
 vkg_status vkg_buf_create(vkg_context *ctx, VkDeviceSize size, vkg_buf **out);
@@ -122,6 +126,33 @@ vkg_status vkg_cmd_end(vkg_cmd *cmd);
 /* Submits and waits. Ends recording first if needed. Returns VKG_ERROR_VALIDATION if the layer
  * spoke meanwhile. */
 vkg_status vkg_cmd_submit_wait(vkg_cmd *cmd);
+
+/* One asynchronous submission of a recorded command buffer: the application's semaphores to wait
+ * for (at ALL_COMMANDS) and to signal, with values for timeline semaphores (NULL: all 0, fine for
+ * binary ones), and vkg's own completion: `timeline` reaching `timeline_value`, or `fence`. */
+typedef struct vkg_cmd_submit_info {
+    const VkSemaphore *wait;
+    const uint64_t *wait_values;
+    uint32_t n_wait;
+    const VkSemaphore *signal;
+    const uint64_t *signal_values;
+    uint32_t n_signal;
+    VkSemaphore timeline;
+    uint64_t timeline_value;
+    VkFence fence;
+} vkg_cmd_submit_info;
+
+/* Ends recording if needed and submits on the context's queue without waiting. */
+vkg_status vkg_cmd_submit(vkg_cmd *cmd, const vkg_cmd_submit_info *info);
+/* After the caller observed a submission's completion: reads the timestamps of a profiled command
+ * buffer and reports validation messages. */
+vkg_status vkg_cmd_complete(vkg_cmd *cmd);
+/* Records the same work (pipelines, descriptor sets, push constants, dispatches, barriers; no
+ * timestamps) into `cb`, an application command buffer in the recording state, between a leading
+ * barrier that orders it after earlier executions of this work and the trailing barrier that
+ * vkg_cmd_end records (shader writes -> host and transfer reads). The descriptor sets stay owned by
+ * cmd: it must outlive every execution of cb. */
+vkg_status vkg_cmd_replay(const vkg_cmd *cmd, VkCommandBuffer cb);
 void vkg_cmd_destroy(vkg_cmd *cmd);
 vkg_context *vkg_cmd_context(const vkg_cmd *cmd);
 uint32_t vkg_cmd_dispatch_count(const vkg_cmd *cmd);
@@ -150,6 +181,12 @@ struct vkg_context {
 
     VkCommandPool cmd_pool;
     VkFence fence;
+    /* Timeline semaphores: info.timeline_semaphore says the device has them enabled (application
+     * semaphores may be timelines); use_timeline, that sessions signal their completion on one
+     * (false with VKG_DISABLE_TIMELINE=1: a fence per session instead). wait_semaphores is
+     * vkWaitSemaphores of Vulkan 1.2 or vkWaitSemaphoresKHR. */
+    bool use_timeline;
+    PFN_vkWaitSemaphores wait_semaphores;
     VkPipelineCache pipeline_cache;
     char *pipeline_cache_path;
 

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh machine: install, then build and test three ways:
-#   gcc (release + asserts), clang, and clang with AddressSanitizer + UndefinedBehaviorSanitizer.
+#   gcc (Release, -O3: the configuration scripts/run.sh builds, whose optimizer sees warnings -O2
+#   does not), clang (RelWithDebInfo), and clang with AddressSanitizer + UndefinedBehaviorSanitizer.
+# After the gcc tests, build/gcc is installed into build/install and samples/embed is built against it.
 # Every GPU test runs as its own short process under VK_LAYER_KHRONOS_validation (VKG_VALIDATION=1,
 # set by ctest), so a lavapipe crash is contained to one test and reported as a failure.
 set -euo pipefail
@@ -12,8 +14,11 @@ mkdir -p "$XDG_RUNTIME_DIR"
 jobs=$(nproc)
 
 echo "== gcc"
-bash scripts/build.sh build/gcc -DCMAKE_C_COMPILER=gcc -DCMAKE_BUILD_TYPE=RelWithDebInfo
+bash scripts/build.sh build/gcc -DCMAKE_C_COMPILER=gcc -DCMAKE_BUILD_TYPE=Release
 ctest --test-dir build/gcc --output-on-failure -j "$jobs"
+
+echo "== install, and samples/embed built against the installed package (find_package, pkg-config)"
+bash samples/embed/check.sh build/gcc build/install
 
 echo "== clang"
 bash scripts/build.sh build/clang -DCMAKE_C_COMPILER=clang -DCMAKE_BUILD_TYPE=RelWithDebInfo -DVKG_PYTHON_UNIT_TESTS=OFF

@@ -1,7 +1,9 @@
 #version 450
 #extension GL_GOOGLE_include_directive : require
-// MoE routing: top-k selection with gates (VKG_MOE_SELECT, one invocation per token) and the
-// routing statistics (VKG_MOE_STATS, one workgroup). Logits z = router logits / temperature.
+// MoE routing: top-k selection with gates (VKG_MOE_SELECT, one invocation per token), the
+// routing statistics (VKG_MOE_STATS, one workgroup), and both in one workgroup (VKG_MOE_ROUTE1, for
+// up to VKG_MOE_ROUTE1_TOKENS tokens: a decoder's routers are latency-bound, and a dispatch and a
+// barrier fewer count there). Logits z = router logits / temperature.
 // Selection compares logits, ties going to the lower column: the strict '>' below scans columns in
 // ascending order. Statistics reduce in a fixed order (tokens ascending per lane, then a fixed tree),
 // so they are bit-identical run to run; no atomics.
@@ -18,17 +20,28 @@ layout(push_constant) uniform P {
 
 layout(std430, binding = 0) readonly buffer Z { float logits[]; };
 
-#ifdef VKG_MOE_SELECT
+// Bindings: 0 logits; SELECT 1 ids, 2 gates, 3 lse; STATS 1 ids, 2 lse, 3.. statistics; ROUTE1 1 ids,
+// 2 gates, 3 lse, 4.. statistics. ROUTE1 reads back what its own lanes wrote: coherent + barriers.
+#if defined(VKG_MOE_SELECT)
 layout(std430, binding = 1) writeonly buffer Ids { int ids[]; };
 layout(std430, binding = 2) writeonly buffer G { float gates[]; };
 layout(std430, binding = 3) writeonly buffer L { float lse[]; };
+#elif defined(VKG_MOE_STATS)
+layout(std430, binding = 1) readonly buffer Ids { int ids[]; };
+layout(std430, binding = 2) readonly buffer L { float lse[]; };
+#define STAT_BINDING 3
+#else
+layout(std430, binding = 1) coherent buffer Ids { int ids[]; };
+layout(std430, binding = 2) writeonly buffer G { float gates[]; };
+layout(std430, binding = 3) coherent buffer L { float lse[]; };
+#define STAT_BINDING 4
+#endif
 
+#if defined(VKG_MOE_SELECT) || defined(VKG_MOE_ROUTE1)
 const uint MAXC = 1024u, MAXK = 64u; // the host refuses more
 
-void main()
+void select_token(uint t)
 {
-    uint t = VKG_FLAT_INDEX(pc.gx);
-    if (t >= pc.T) return;
     uint base = t * pc.C;
     float m = -3.402823e38;
     for (uint c = 0u; c < pc.C; c++) m = max(m, logits[base + c] * pc.inv_temp);
@@ -73,15 +86,13 @@ void main()
 }
 #endif
 
-#ifdef VKG_MOE_STATS
-layout(std430, binding = 1) readonly buffer Ids { int ids[]; };
-layout(std430, binding = 2) readonly buffer L { float lse[]; };
+#if defined(VKG_MOE_STATS) || defined(VKG_MOE_ROUTE1)
 // counts (C - first), fraction (C - first), mean_score (C), load_balance, z_loss
-layout(std430, binding = 3) writeonly buffer Counts { float counts[]; };
-layout(std430, binding = 4) writeonly buffer Frac { float fraction[]; };
-layout(std430, binding = 5) writeonly buffer Mean { float mean_score[]; };
-layout(std430, binding = 6) writeonly buffer LB { float load_balance[]; };
-layout(std430, binding = 7) writeonly buffer ZL { float z_loss[]; };
+layout(std430, binding = STAT_BINDING) writeonly buffer Counts { float counts[]; };
+layout(std430, binding = STAT_BINDING + 1) writeonly buffer Frac { float fraction[]; };
+layout(std430, binding = STAT_BINDING + 2) writeonly buffer Mean { float mean_score[]; };
+layout(std430, binding = STAT_BINDING + 3) writeonly buffer LB { float load_balance[]; };
+layout(std430, binding = STAT_BINDING + 4) writeonly buffer ZL { float z_loss[]; };
 
 shared float red[256];
 
@@ -98,7 +109,7 @@ float tree(uint lane, float v)
     return r;
 }
 
-void main()
+void statistics()
 {
     uint lane = gl_LocalInvocationID.x, W = gl_WorkGroupSize.x;
     uint E = pc.C - pc.first;
@@ -129,5 +140,23 @@ void main()
         load_balance[0] = float(pc.C) * sq;
         z_loss[0] = zs * invT;
     }
+}
+#endif
+
+#if defined(VKG_MOE_SELECT)
+void main()
+{
+    uint t = VKG_FLAT_INDEX(pc.gx);
+    if (t < pc.T) select_token(t);
+}
+#elif defined(VKG_MOE_STATS)
+void main() { statistics(); }
+#else
+void main()
+{
+    for (uint t = gl_LocalInvocationID.x; t < pc.T; t += gl_WorkGroupSize.x) select_token(t);
+    memoryBarrierBuffer();
+    barrier();
+    statistics();
 }
 #endif

@@ -60,6 +60,18 @@ float *h_download(vkg_buf *b, size_t n)
     return p;
 }
 
+int h_check_deterministic(vkg_cmd *cmd, vkg_buf *y, size_t n, const char *what)
+{
+    float *a = h_download(y, n);
+    vkg_status s = vkg_cmd_submit_wait(cmd);
+    float *b = h_download(y, n);
+    CHECK(s == VKG_SUCCESS, "%s: resubmit: %s", what, vkg_last_error());
+    CHECK(n == 0 || memcmp(a, b, n * sizeof(float)) == 0, "%s: second run differs from the first", what);
+    free(a);
+    free(b);
+    return 0;
+}
+
 void h_maybe_fault(float *got, size_t n)
 {
     if (h_inject_fault && n) got[n / 2] += 1e-2f * (fabsf(got[n / 2]) + 1.0f);

@@ -55,6 +55,9 @@ float *h_download(vkg_buf *b, size_t n);
 int h_compare(const char *what, const float *got, const float *want, const double *bound, size_t n, double atol,
               double rtol);
 
+/* Submits cmd again and checks that the n floats of y come out bit-identical to the first run. */
+int h_check_deterministic(vkg_cmd *cmd, vkg_buf *y, size_t n, const char *what);
+
 /* --inject-fault: perturb one output element by 1% before comparing; h_compare then passes only if
  * it catches the difference. Proves the tolerances would fail a wrong kernel. */
 extern int h_inject_fault;

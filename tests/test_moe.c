@@ -168,6 +168,9 @@ static int test_router(vkg_context *ctx)
         {.T = 5, .D = 8, .C = 8, .k = 3, .ties = 1, .scale = 1, .temp = 1},
         {.T = 5, .D = 8, .C = 12, .first = 2, .k = 4, .ties = 1, .scores = 1, .scale = 1, .temp = 1},
         {.T = 0, .D = 8, .C = 4, .k = 2, .bias = 1, .scale = 1, .temp = 1},
+        /* Up to 1024 tokens select and reduce in one workgroup (moe_route1); past it, two kernels. */
+        {.T = 1024, .D = 8, .C = 5, .k = 2, .bias = 1, .scale = 1, .temp = 1.3},
+        {.T = 1025, .D = 8, .C = 5, .k = 2, .sigmoid = 1, .scores = 1, .renorm = 1, .scale = 1, .temp = 1},
         {.T = 3000, .D = 16, .C = 4, .k = 2, .bias = 1, .scale = 1, .temp = 1},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
@@ -278,6 +281,10 @@ static int test_experts(vkg_context *ctx)
         {.T = 45, .D = 24, .E = 6, .h = 20, .k = 3, .act = 1, .b1 = 1, .b2 = 1, .skew = 1},
         {.T = 60, .D = 12, .E = 4, .h = 9, .k = 2, .act = 2, .b1 = 1, .b2 = 1, .skew = 2, .res = 1},
         {.T = 300, .D = 20, .E = 3, .h = 28, .k = 2, .act = 2, .b1 = 1, .b2 = 1, .f16 = 1},
+        /* Past the one-workgroup plan (moe_plan1: 1024 pairs, 256 experts): the multi-block
+         * histogram, scan and scatter, with dropped ids, and many experts over few pairs. */
+        {.T = 701, .D = 12, .E = 5, .h = 10, .k = 2, .act = 1, .b1 = 1, .b2 = 1, .skew = 2},
+        {.T = 20, .D = 8, .E = 300, .h = 4, .k = 3, .act = 2, .b1 = 1, .b2 = 1},
         {.T = 1, .D = 5, .E = 1, .h = 3, .k = 1, .act = 1, .b1 = 1, .b2 = 1},
         {.T = 0, .D = 8, .E = 4, .h = 8, .k = 2, .act = 2},
     };

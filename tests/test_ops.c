@@ -8,19 +8,6 @@
 #include "runtime/kernels/attention.h"
 #include "ref.h"
 
-/* Runs the recorded command twice and checks the two outputs are bit-identical. */
-static int check_deterministic(vkg_cmd *cmd, vkg_buf *y, size_t n, const char *what)
-{
-    float *a = h_download(y, n);
-    vkg_status s = vkg_cmd_submit_wait(cmd);
-    float *b = h_download(y, n);
-    CHECK(s == VKG_SUCCESS, "%s: resubmit: %s", what, vkg_last_error());
-    CHECK(n == 0 || memcmp(a, b, n * sizeof(float)) == 0, "%s: second run differs from the first", what);
-    free(a);
-    free(b);
-    return 0;
-}
-
 /* ---- matmul ---- */
 
 typedef struct mm_shape {
@@ -86,7 +73,7 @@ static int run_matmul_case(vkg_context *ctx, vkg_mm_variant variant, mm_shape s,
              variant == VKG_MM_TEXEL ? "texel" : "tiled", s.batch, s.m, s.k, s.n,
              wdt == VKG_DTYPE_F16 ? "f16" : "f32", s.w_shared ? "(shared)" : "", act, bias, epi & 1, epi >> 1);
     h_compare(what, got, want, mag, ny, 2e-6, 2e-7);
-    check_deterministic(cmd, by, ny, what);
+    h_check_deterministic(cmd, by, ny, what);
     free(got);
     free(sc);
     free(res);
@@ -255,7 +242,7 @@ static int run_lora_case(vkg_context *ctx, vkg_mm_variant variant, const lora_ca
         snprintf(twhat, sizeof twhat, "%s: t", what);
         h_compare(twhat, tgot, twant, tmag, nt, 2e-6, 2e-7);
     }
-    check_deterministic(cmd, by, ny, what);
+    h_check_deterministic(cmd, by, ny, what);
     free(got);
     free(tgot);
     vkg_cmd_destroy(cmd);
@@ -385,7 +372,7 @@ static int test_layernorm(vkg_context *ctx, int variant)
             snprintf(what, sizeof what, "layernorm%s rows=%u d=%u affine=%d eps=%g",
                      variant == 2 ? " subgroup" : variant == 1 ? " tree" : "", rows, d, affine, (double)eps);
             h_compare(what, got, want, mag, n, 1e-6, 1e-6);
-            check_deterministic(cmd, by, n, what);
+            h_check_deterministic(cmd, by, n, what);
             free(got);
             vkg_cmd_destroy(cmd);
             vkg_buf_destroy(bx);
@@ -455,7 +442,7 @@ static int run_row_op(vkg_context *ctx, row_op op, const char *what, const float
     float *got = h_download(by, ny);
     h_maybe_fault(got, ny);
     h_compare(what, got, want, NULL, ny, atol, rtol);
-    check_deterministic(cmd, by, ny, what);
+    h_check_deterministic(cmd, by, ny, what);
     free(got);
     vkg_cmd_destroy(cmd);
     vkg_buf_destroy(bx);
@@ -498,6 +485,60 @@ static int test_softmax(vkg_context *ctx)
         free(x);
         free(want);
         if (r) return r;
+    }
+    return 0;
+}
+
+/* ---- add_n ---- */
+
+static int test_add_n(vkg_context *ctx)
+{
+    static const struct { uint32_t count; uint64_t n; float scale; } cases[] = {
+        {2, 1, 1.0f}, {3, 7, 0.01f}, {8, 257, 1.0f}, {5, 65537, -0.5f}, {4, 0, 1.0f}, {7, 1000, 3.0f}, {3, 4, 0.001f}};
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+        uint32_t cnt = cases[c].count;
+        uint64_t n = cases[c].n;
+        float *x[VKG_ADD_N_MAX], *want = malloc(n * 4 + 4);
+        double *mag = malloc(n * sizeof(double) + 8);
+        vkg_buf *bx[VKG_ADD_N_MAX], *by;
+        vkg_tref tx[VKG_ADD_N_MAX];
+        for (uint32_t i = 0; i < cnt; i++) {
+            x[i] = malloc(n * 4 + 4);
+            h_fill(x[i], n, (uint32_t)(c * 16 + i + 3), -4.0f, 4.0f);
+            bx[i] = h_upload(ctx, x[i], n * 4);
+            tx[i] = (vkg_tref){bx[i], 0};
+        }
+        /* Left-to-right fp32 sums, then the scale: each rounding is within half an ulp of the
+         * running magnitude, so count + 1 roundings of sum |x| * |scale| bound the error. */
+        for (uint64_t e = 0; e < n; e++) {
+            double sum = 0, m = 0;
+            for (uint32_t i = 0; i < cnt; i++) {
+                sum += x[i][e];
+                m += fabs(x[i][e]);
+            }
+            want[e] = (float)(sum * cases[c].scale);
+            mag[e] = (cnt + 1) * FLT_EPSILON * m * fabs(cases[c].scale);
+        }
+        OK(vkg_buf_create(ctx, n * 4 + 4, &by));
+        vkg_cmd *cmd;
+        OK(vkg_cmd_begin(ctx, false, &cmd));
+        OK(vkg_add_n(cmd, tx, cnt, (vkg_tref){by, 0}, n, cases[c].scale));
+        OK(vkg_cmd_submit_wait(cmd));
+        float *got = h_download(by, n);
+        h_maybe_fault(got, n);
+        char what[64];
+        snprintf(what, sizeof what, "add_n count=%u n=%llu scale=%g", cnt, (unsigned long long)n, cases[c].scale);
+        h_compare(what, got, want, mag, n, 0.0, 0.0);
+        h_check_deterministic(cmd, by, n, what);
+        free(got);
+        vkg_cmd_destroy(cmd);
+        vkg_buf_destroy(by);
+        for (uint32_t i = 0; i < cnt; i++) {
+            vkg_buf_destroy(bx[i]);
+            free(x[i]);
+        }
+        free(want);
+        free(mag);
     }
     return 0;
 }
@@ -629,7 +670,7 @@ static int run_attention_case(vkg_context *ctx, vkg_mm_variant variant, att_case
              variant == VKG_MM_TEXEL ? "texel" : "tiled", c.batch, c.heads, c.tq, c.tk, c.d, c.mask, c.kp,
              c.layout == 1 ? "packed" : c.layout == 2 ? "strided" : "plain", (double)c.scale);
     h_compare(what, got, want, mag, no, 2e-7, 1e-6);
-    check_deterministic(cmd, bo, no, what);
+    h_check_deterministic(cmd, bo, no, what);
     free(got);
     vkg_cmd_destroy(cmd);
     vkg_buf_destroy(bq);
@@ -733,6 +774,7 @@ int main(int argc, char **argv)
     else if (!strcmp(op, "softmax")) r = test_softmax(ctx);
     else if (!strcmp(op, "swiglu")) r = test_swiglu(ctx);
     else if (!strcmp(op, "binary")) r = test_binary(ctx);
+    else if (!strcmp(op, "add_n")) r = test_add_n(ctx);
     else if (!strcmp(op, "attention")) {
         if (variant == VKG_MM_TEXEL && !vkg_attention_texel_supported(ctx)) {
             printf("attention texel: device lacks subgroup size 8 or RGBA texel buffers; variant unavailable\n");
@@ -742,7 +784,7 @@ int main(int argc, char **argv)
         r = test_attention(ctx, variant);
     }
     else {
-        fprintf(stderr, "usage: test_ops matmul|lora|layernorm|unary|softmax|binary|attention|swiglu [--variant tiled|texel|tree|subgroup] [--part N] [--inject-fault]\n");
+        fprintf(stderr, "usage: test_ops matmul|lora|layernorm|unary|softmax|binary|add_n|attention|swiglu [--variant tiled|texel|tree|subgroup] [--part N] [--inject-fault]\n");
         vkg_context_destroy(ctx);
         return 2;
     }

@@ -47,6 +47,7 @@ static void print_info(const vkg_device_info *d, int chosen)
     printf("\n    subgroup ops         ");
     print_subgroup_ops(d->subgroup_ops);
     printf("    push descriptors     %s\n", d->push_descriptors ? "yes" : "no");
+    printf("    timeline semaphores  %s\n", d->timeline_semaphore ? "yes" : "no (runs end on a fence)");
     printf("    timestamps           %s (period %.3g ns)\n", d->timestamps ? "yes" : "no", d->timestamp_period_ns);
     printf("    cooperative matrix   %s\n", d->cooperative_matrix ? "yes" : "no");
     printf("    texel rgba32f/16f    %s / %s\n", d->texel_rgba32f ? "yes" : "no", d->texel_rgba16f ? "yes" : "no");

@@ -78,3 +78,29 @@ vkg_status vkg_binary(vkg_cmd *cmd, vkg_binop op, vkg_tref a, const uint32_t *a_
                          {y.buf, y.offset, n * 4, 0, true}};
     return vkg_cmd_dispatch(cmd, p, bb, &pc, pc.gx, gy, 1, op == VKG_BIN_ADD ? "add" : "mul");
 }
+
+vkg_status vkg_add_n(vkg_cmd *cmd, const vkg_tref *x, uint32_t count, vkg_tref y, uint64_t n, float scale)
+{
+    vkg_context *ctx = vkg_cmd_context(cmd);
+    if (count < 2 || count > VKG_ADD_N_MAX)
+        return vkg_fail(VKG_ERROR_INVALID_ARGUMENT, "add_n: %u inputs; 2 to %d are supported", count, VKG_ADD_N_MAX);
+    if (!y.buf) return vkg_fail(VKG_ERROR_INVALID_ARGUMENT, "add_n: y has no buffer");
+    for (uint32_t i = 0; i < count; i++)
+        if (!x[i].buf) return vkg_fail(VKG_ERROR_INVALID_ARGUMENT, "add_n: input %u has no buffer", i);
+    if (n > UINT32_MAX) return vkg_fail(VKG_ERROR_UNSUPPORTED, "add_n: tensor exceeds 2^32 elements");
+    if (n == 0) return VKG_SUCCESS;
+    struct { uint32_t n, gx, count; float scale; } pc = {(uint32_t)n, 0, count, scale};
+    uint32_t gy;
+    vkg_grid_1d(ctx, (n + BINARY_WG - 1) / BINARY_WG, &pc.gx, &gy);
+    vkg_pipeline_desc pd = {.shader = "add_n", .nbindings = VKG_ADD_N_MAX + 1, .push_size = sizeof pc, .nspec = 1,
+                            .spec = {BINARY_WG}};
+    const vkg_pipeline *p;
+    VKG_TRY(vkg_pipeline_get(ctx, &pd, &p));
+    vkg_binding b[VKG_ADD_N_MAX + 1];
+    for (uint32_t i = 0; i < VKG_ADD_N_MAX; i++) {
+        vkg_tref r = x[i < count ? i : 0];
+        b[i] = (vkg_binding){r.buf, r.offset, n * 4, 0, false};
+    }
+    b[VKG_ADD_N_MAX] = (vkg_binding){y.buf, y.offset, n * 4, 0, true};
+    return vkg_cmd_dispatch(cmd, p, b, &pc, pc.gx, gy, 1, "add_n");
+}

@@ -38,7 +38,17 @@ vkg_status vkg_copy(vkg_cmd *cmd, const vkg_copy_args *a)
     vkg_pipeline_desc pd = {.shader = "copy", .nbindings = 2, .push_size = sizeof pc, .nspec = 1, .spec = {COPY_WG}};
     const vkg_pipeline *p;
     VKG_TRY(vkg_pipeline_get(ctx, &pd, &p));
-    vkg_binding b[2] = {{a->src.buf, a->src.offset, a->src_elems * 4, 0, false},
-                        {a->dst.buf, a->dst.offset, a->dst_elems * 4, 0, true}};
+    /* Each side binds only the elements the box spans, [off, max], from the aligned offset at or
+     * below off: a concat writes disjoint windows of its output (no barriers between its copies),
+     * and a box of a tensor over maxStorageBufferRange can still be copied when its window fits. */
+    uint64_t al = VKG_MAX(ctx->info.min_storage_offset_alignment, 4);
+    VkDeviceSize s0 = (a->src.offset + (VkDeviceSize)a->src_off * 4) / al * al;
+    VkDeviceSize d0 = (a->dst.offset + (VkDeviceSize)a->dst_off * 4) / al * al;
+    s0 = VKG_MAX(s0, a->src.offset);
+    d0 = VKG_MAX(d0, a->dst.offset);
+    pc.src_off = (uint32_t)((a->src.offset + (VkDeviceSize)a->src_off * 4 - s0) / 4);
+    pc.dst_off = (uint32_t)((a->dst.offset + (VkDeviceSize)a->dst_off * 4 - d0) / 4);
+    vkg_binding b[2] = {{a->src.buf, s0, a->src.offset + (smax + 1) * 4 - s0, 0, false},
+                        {a->dst.buf, d0, a->dst.offset + (dmax + 1) * 4 - d0, 0, true}};
     return vkg_cmd_dispatch(cmd, p, b, &pc, pc.gx, gy, 1, "copy");
 }

@@ -104,6 +104,11 @@ vkg_status vkg_binary(vkg_cmd *cmd, vkg_binop op, vkg_tref a, const uint32_t *a_
 vkg_status vkg_broadcast_shape(const uint32_t *a, uint32_t ar, const uint32_t *b, uint32_t br, uint32_t *out,
                                uint32_t *out_rank);
 
+/* y = scale * (x[0] + x[1] + ... + x[count-1]) over n floats each, summed left to right;
+ * count 2..VKG_ADD_N_MAX. */
+enum { VKG_ADD_N_MAX = 8 };
+vkg_status vkg_add_n(vkg_cmd *cmd, const vkg_tref *x, uint32_t count, vkg_tref y, uint64_t n, float scale);
+
 /* y (rows, h) = silu(x[:, :h]) * x[:, h:] for x (rows, 2h); silu(v) = v * sigmoid(v). */
 vkg_status vkg_swiglu(vkg_cmd *cmd, vkg_tref x, vkg_tref y, uint32_t rows, uint32_t h);
 

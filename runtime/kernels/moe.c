@@ -85,6 +85,42 @@ vkg_status vkg_moe_stats(vkg_cmd *cmd, const vkg_moe_stats_args *a)
     return vkg_cmd_dispatch(cmd, p, b, &pc, 1, 1, 1, "moe_stats");
 }
 
+vkg_status vkg_moe_route(vkg_cmd *cmd, const vkg_moe_select_args *s, const vkg_moe_stats_args *t)
+{
+    if (s->T > VKG_MOE_ROUTE1_TOKENS || s->T == 0) {
+        VKG_TRY(vkg_moe_select(cmd, s));
+        return vkg_moe_stats(cmd, t);
+    }
+    if (t->T != s->T || t->C != s->C || t->first != s->first || t->k != s->k || t->sigmoid != s->sigmoid ||
+        t->temperature != s->temperature || t->logits.buf != s->logits.buf || t->logits.offset != s->logits.offset ||
+        t->ids.buf != s->ids.buf || t->ids.offset != s->ids.offset || t->lse.buf != s->lse.buf ||
+        t->lse.offset != s->lse.offset)
+        return vkg_fail(VKG_ERROR_INVALID_ARGUMENT, "moe_route: the statistics must describe the selection's routing");
+    vkg_context *ctx = vkg_cmd_context(cmd);
+    float temp = s->temperature ? s->temperature : 1.0f;
+    VKG_TRY(route_check(s->C, s->first, s->k, temp));
+    const vkg_tref *r[9] = {&s->logits, &s->ids, &s->gates, &s->lse, &t->counts, &t->fraction, &t->mean_score,
+                            &t->load_balance, &t->z_loss};
+    for (int i = 0; i < 9; i++) VKG_TRY(need(*r[i], "a routing buffer", "moe_route"));
+    route_push pc = {s->T, s->C, s->first, s->k,
+                     (s->sigmoid ? 1u : 0u) | (s->gates_are_scores ? 2u : 0u) | (s->renorm ? 4u : 0u), 1.0f / temp,
+                     s->scale ? s->scale : 1.0f, 0};
+    vkg_pipeline_desc pd = {.shader = "moe_route1", .nbindings = 9, .push_size = sizeof pc, .nspec = 1, .spec = {ROUTE_WG}};
+    const vkg_pipeline *p;
+    VKG_TRY(vkg_pipeline_get(ctx, &pd, &p));
+    VkDeviceSize E = s->C - s->first, tk = (VkDeviceSize)s->T * s->k * 4;
+    vkg_binding b[9] = {{s->logits.buf, s->logits.offset, (VkDeviceSize)s->T * s->C * 4, 0, false},
+                        {s->ids.buf, s->ids.offset, tk, 0, true},
+                        {s->gates.buf, s->gates.offset, tk, 0, true},
+                        {s->lse.buf, s->lse.offset, (VkDeviceSize)s->T * 4, 0, true},
+                        {t->counts.buf, t->counts.offset, E * 4, 0, true},
+                        {t->fraction.buf, t->fraction.offset, E * 4, 0, true},
+                        {t->mean_score.buf, t->mean_score.offset, (VkDeviceSize)s->C * 4, 0, true},
+                        {t->load_balance.buf, t->load_balance.offset, 4, 0, true},
+                        {t->z_loss.buf, t->z_loss.offset, 4, 0, true}};
+    return vkg_cmd_dispatch(cmd, p, b, &pc, 1, 1, 1, "moe_route1");
+}
+
 /* ---- dispatch ---- */
 
 typedef struct dispatch_push {
@@ -148,6 +184,18 @@ vkg_status vkg_moe_dispatch(vkg_cmd *cmd, vkg_tref ids, const vkg_moe_plan *plan
     vkg_grid_1d(ctx, plan->nblocks, &pc.gx, &gy);
     VkDeviceSize idb = (VkDeviceSize)plan->P * 4, hb = (VkDeviceSize)plan->nblocks * plan->E * 4;
     const vkg_pipeline *p;
+    if (plan->P > 0 && plan->P <= VKG_MOE_PLAN1_PAIRS && plan->E <= VKG_MOE_PLAN1_EXPERTS) {
+        vkg_pipeline_desc pd = {.shader = "moe_plan1", .nbindings = 6, .push_size = sizeof pc, .nspec = 2,
+                                .spec = {DISPATCH_WG, VKG_MOE_BLOCK}};
+        VKG_TRY(vkg_pipeline_get(ctx, &pd, &p));
+        vkg_binding b[6] = {{ids.buf, ids.offset, idb, 0, false},
+                            {plan->tiles.buf, plan->tiles.offset, (VkDeviceSize)plan->max_tiles * 16, 0, true},
+                            {plan->args.buf, plan->args.offset, 48, 0, true},
+                            {plan->seg.buf, plan->seg.offset, ((VkDeviceSize)plan->E + 1) * 4, 0, true},
+                            {plan->perm.buf, plan->perm.offset, idb + 4, 0, true},
+                            {plan->inv.buf, plan->inv.offset, idb + 4, 0, true}};
+        return vkg_cmd_dispatch(cmd, p, b, &pc, 1, 1, 1, "moe_plan1");
+    }
     if (plan->nblocks) {
         vkg_pipeline_desc pd = {.shader = "moe_hist", .nbindings = 2, .push_size = sizeof pc, .nspec = 2,
                                 .spec = {DISPATCH_WG, VKG_MOE_BLOCK}};

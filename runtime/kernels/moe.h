@@ -7,6 +7,9 @@
 #include "kernels.h"
 
 enum { VKG_MOE_MAX_COLUMNS = 1024, VKG_MOE_MAX_K = 64, VKG_MOE_BLOCK = 256 };
+/* Up to these sizes vkg_moe_dispatch plans in one dispatch (moe_plan1) and the router selects and
+ * reduces its statistics in one (moe_route1); larger ones take the multi-workgroup kernels. */
+enum { VKG_MOE_PLAN1_PAIRS = 1024, VKG_MOE_PLAN1_EXPERTS = 256, VKG_MOE_ROUTE1_TOKENS = 1024 };
 
 typedef struct vkg_moe_select_args {
     vkg_tref logits;  /* (T, C) f32: x W^T + b */
@@ -27,6 +30,9 @@ typedef struct vkg_moe_stats_args {
     float temperature;
 } vkg_moe_stats_args;
 vkg_status vkg_moe_stats(vkg_cmd *cmd, const vkg_moe_stats_args *a);
+/* vkg_moe_select then vkg_moe_stats on the same routing (t's logits, ids and lse are s's): one
+ * dispatch (moe_route1) up to VKG_MOE_ROUTE1_TOKENS tokens, else the two kernels. */
+vkg_status vkg_moe_route(vkg_cmd *cmd, const vkg_moe_select_args *s, const vkg_moe_stats_args *t);
 
 /* Where one dispatch keeps its results; all inside one scratch range (vkg_moe_plan_layout). */
 typedef struct vkg_moe_plan {

@@ -18,6 +18,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import vkg  # noqa: E402
+import vkg.reference  # noqa: E402
 import vkgrun  # noqa: E402  (tests/e2e/vkgrun.py)
 
 VKG_BIN = None
@@ -126,6 +127,38 @@ class ExportRun(unittest.TestCase):
             r = subprocess.run([VKG_BIN, "run", path, "--input", "x=" + p, "--out", tmp], capture_output=True, text=True)
             self.assertNotEqual(r.returncode, 0)
             self.assertIn("expects 13", r.stderr)
+
+    def test_attention_column_windows(self):
+        """Attention reading K and V as column windows of one wide tensor (k_col, v_col), as the
+        Transfuser decoder's fused memory projection does; and a window past the width refused
+        with the node named."""
+        rng = np.random.default_rng(5)
+        q = rng.standard_normal((2, 5, 12), dtype=np.float32)
+        kv = rng.standard_normal((2, 7, 40), dtype=np.float32)
+        b = vkg.Builder()
+        tq = b.input("q", [2, 5, 12])
+        tkv = b.input("kv", [2, 7, 40])
+        b.output(b.attention(tq, tkv, tkv, 3, k_col=24, v_col=4, name="att"), "y")
+        want = vkg.reference.attention_ref(q.astype(np.float64), kv[..., 24:36].astype(np.float64),
+                                           kv[..., 4:16].astype(np.float64), 3)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "att.vkg")
+            b.save(path)
+            out = os.path.join(tmp, "out")
+            os.mkdir(out)
+            got = vkgrun.run(VKG_BIN, path, {"q": q, "kv": kv}, out)["y"][0]
+            err = np.abs(got - want) - (ATOL + RTOL * np.abs(want))
+            self.assertLessEqual(err.max(), 0.0)
+            with self.assertRaises(ValueError):
+                b.attention(tq, tkv, tkv, 3, k_col=30, v_col=0)
+            b.nodes[-1]["attrs"]["k_col"] = 30     # past the builder's check, as a bad file would be
+            b.save(path)
+            r = subprocess.run([VKG_BIN, "run", path, "--input", "q=" + os.path.join(tmp, "q.npy"),
+                                "--input", "kv=" + os.path.join(tmp, "kv.npy"), "--out", out],
+                               capture_output=True, text=True)
+            self.assertNotEqual(r.returncode, 0)
+            self.assertIn('"att"', r.stderr)
+            self.assertIn("k_col 30", r.stderr)
 
 
 if __name__ == "__main__":

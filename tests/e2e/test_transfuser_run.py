@@ -30,6 +30,7 @@ import torch  # noqa: E402
 
 import vkg  # noqa: E402
 from vkg import transfuser as tf  # noqa: E402
+from vkg import transfuser_model as tm  # noqa: E402
 import vkgrun  # noqa: E402  (tests/e2e/vkgrun.py)
 
 VKG_BIN = None
@@ -140,6 +141,43 @@ class TransfuserRun(unittest.TestCase):
             path = os.path.join(tmp, "dense.vkg")
             vkg.export(dense, data(0, 1), path)
             self.check(path, dense, [(7, 1), (8, 8)], out_names=("output",))
+
+    def test_bundled_sample_model(self):
+        """samples/transfuser_moe/transfuser_moe.vkg (keyval and query construction, the MoE
+        decoder, the trajectory and agent heads; f16 matrices) against the PyTorch module it was
+        exported from: vkg.transfuser_model.TransfuserMoE, random seed 0, matrices rounded to
+        f16. Batch 1 twice (bit-identical) and batch 3."""
+        path = os.path.join(HERE, "..", "..", "samples", "transfuser_moe", "transfuser_moe.vkg")
+        model = tm.round_weights_f16(tm.build_model(seed=0))
+        outs = ("trajectory", "agent_states", "agent_labels") + AUX
+        with tempfile.TemporaryDirectory() as tmp:
+            for ci, (seed, batch) in enumerate([(21, 1), (22, 3)]):
+                g = torch.Generator().manual_seed(seed)
+                bev = torch.relu(torch.randn(batch, 512, 8, 8, generator=g))
+                status = torch.zeros(batch, 8)
+                status[:, 1] = 1.0
+                status[:, 4:] = torch.randn(batch, 4, generator=g)
+                seen = []
+                h = model._tf_decoder.register_forward_pre_hook(lambda m, a: seen.append(a))
+                with torch.no_grad():
+                    want = model(bev, status)
+                h.remove()
+                self.assertGreater(min(tf.routing_margins(model._tf_decoder, *seen[0])), MARGIN)
+                ins = {"bev_feature": bev.numpy(), "status_feature": status.numpy()}
+                runs = [vkgrun.run(VKG_BIN, path, ins, os.path.join(tmp, "o%d_%d" % (ci, r)))
+                        for r in range(2 if ci == 0 else 1)]
+                self.assertEqual(sorted(runs[0]), sorted(outs))
+                if len(runs) > 1:
+                    for n in outs:
+                        self.assertEqual(runs[0][n][1], runs[1][n][1], n + " differs between runs")
+                for n in outs:
+                    got, w = runs[0][n][0], want[n].numpy()
+                    if n == "moe_usage_counts":
+                        np.testing.assert_array_equal(got, w.astype(np.float32))
+                    elif n.startswith("moe_"):
+                        self.close(got, w.reshape(got.shape), n, rtol=STAT_RTOL, atol=0)
+                    else:
+                        self.close(got, w, "%s batch %d" % (n, batch))
 
 
 if __name__ == "__main__":

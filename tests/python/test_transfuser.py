@@ -287,18 +287,21 @@ class Graph(Case):
         ops = {}
         for n in g.nodes:
             ops[n.op] = ops.get(n.op, 0) + 1
-        # per layer: 6 linears (in_proj, out_proj, q, k, v, out_proj), 2 attention, 3 layernorm,
-        # router, experts; statistics: 3 x 2 adds + aux add, 3 muls
-        self.assertEqual(ops, {"linear": 18, "attention": 6, "layernorm": 9, "moe_router": 3,
-                               "moe_experts": 3, "add": 9, "mul": 3})
+        # one linear for every layer's memory K and V; per layer 4 linears (in_proj, out_proj,
+        # q, out_proj), 2 attention, 3 layernorm, router, experts; statistics: one add_n over
+        # the layers each (coefficients as its scale), the aux add
+        self.assertEqual(ops, {"linear": 13, "attention": 6, "layernorm": 9, "moe_router": 3,
+                               "moe_experts": 3, "add": 1, "add_n": 4})
         t = g.tensor("tgt")
         self.assertEqual(t.sym[0], "batch")
         self.assertEqual(g.metadata["model_name"], "MoETransformerDecoder")
         self.assertEqual(g.metadata["decoder.experts"], "4")
-        # the memory K/V projections of every layer come first
-        self.assertEqual([n.name for n in g.nodes[:6]],
-                         ["layers.%d.multihead_attn.%s_proj" % (i, kv)
-                          for i in range(3) for kv in "kv"])
+        # the memory K/V projections of every layer come first, as one linear whose column
+        # windows the cross-attentions read
+        self.assertEqual(g.nodes[0].name, "memory_kv_proj")
+        cross = [n for n in g.nodes if n.name.endswith("multihead_attn.attention")]
+        self.assertEqual([(n.attrs["k_col"], n.attrs["v_col"]) for n in cross],
+                         [(0, 256), (512, 768), (1024, 1280)])
 
     def test_gelu_temperature_k3_layer_stats(self):
         cfg = tf.MoEConfig(num_experts=6, top_k=3, activation="gelu", router_temperature=0.7,

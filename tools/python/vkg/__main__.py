@@ -239,6 +239,85 @@ def add_transfuser_decoder(sub):
 COMMANDS.append(add_transfuser_decoder)
 
 
+def add_transfuser_model(sub):
+    p = sub.add_parser(
+        "transfuser-model", help="export the Transfuser model with the MoE decoder and heads",
+        description="Export vkg.transfuser_model.TransfuserMoE (model-spec S3 §3.2-3.5): "
+        "keyval from bev_feature (batch, 512, 8, 8) and status_feature (batch, 8), the "
+        "31 learned queries, the 3-layer MoE decoder (E 4, top-2), the trajectory head and "
+        "the agent head. Outputs trajectory (batch, 8, 3), agent_states (batch, 30, 5), "
+        "agent_labels (batch, 30) and the five routing statistics. CHECKPOINT: a state dict "
+        "with navsim's names (_bev_downscale, _status_encoding, _keyval_embedding, "
+        "_query_embedding, _tf_decoder.layers.{i}..., _trajectory_head._mlp, "
+        "_agent_head._mlp_states, _agent_head._mlp_label); or --random SEED.")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", nargs="?")
+    p.add_argument("--random", type=int, metavar="SEED", help="random weights from SEED")
+    p.add_argument("--fp16", action="store_true",
+                   help="f16 matrices in the decoder and the heads' hidden layers")
+    p.add_argument("-o", "--output", required=True, help="the .vkg file to write")
+
+    def run(args):
+        from .transfuser_model import run_export
+        return run_export(args)
+    p.set_defaults(func=run)
+
+
+COMMANDS.append(add_transfuser_model)
+
+
+def add_depth_seg(sub):
+    p = sub.add_parser(
+        "depth-seg", help="export DINOv2 + MoE-LoRA + DPT depth + BN seg heads (vkg.depth_seg)",
+        description="Export the whole S1 model of model-spec 1: a DINOv2 backbone whose every "
+        "FFN is MoE-LoRA, Depth Anything V2's DPT head (blocks 3/6/9/12) and DINOv2's BN seg head "
+        "(blocks 9-12). CHECKPOINT: a .pth/.pt state dict or .safetensors with pretrained.* "
+        "(DINOv2 official names; pretrained.blocks.i.mlp.fc1|fc2 = the frozen base, "
+        "mlp.router, mlp.experts.e.fc1|fc2.lora_A|lora_B.weight in PEFT's orientation), "
+        "depth_head.* (Depth Anything V2 names), seg_head.bn.*, seg_head.conv_seg.*; or "
+        "random:SEED / --random-init SEED. Graph input image (batch, 3, H, W), normalized RGB "
+        "(mean 0.485 0.456 0.406, std 0.229 0.224 0.225); outputs depth (batch, H, W), "
+        "seg_logits (batch, C, H, W). --experts, --lora-rank and --classes default to the "
+        "checkpoint's; --top-k and --lora-alpha cannot be read from weights (defaults 2 and 8).")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", nargs="?")
+    p.add_argument("--arch", default="vits14",
+                   choices=["vitb14", "vitb14_reg", "vitl14", "vitl14_reg", "vits14",
+                            "vits14-mini", "vits14_reg"],
+                   help="backbone and DPT widths (vits14-mini: the bundled reduced model, D 96, "
+                   "12 blocks, 3 heads, DPT features 32, out channels 24/48/96/96)")
+    p.add_argument("--experts", type=int, default=None, help="E (8)")
+    p.add_argument("--top-k", type=int, default=2, help="experts per token (2)")
+    p.add_argument("--lora-rank", type=int, default=None, help="r (8)")
+    p.add_argument("--lora-alpha", type=float, default=8.0, help="alpha; LoRA scale alpha / r")
+    p.add_argument("--classes", type=int, default=None, help="C (required with random weights)")
+    p.add_argument("--seg-head", choices=("pyramid", "flat"), default="pyramid",
+                   help="resize factors 4/2/1/0.5 before the concat (pyramid) or none (flat)")
+    p.add_argument("--image-size", nargs=2, type=int, metavar=("H", "W"), default=(518, 518))
+    p.add_argument("--routing-stats", action="store_true",
+                   help="also output blocks.<i>.mlp.counts (per-expert usage counts), fraction, "
+                   "mean_score, load_balance, z_loss for every block")
+    p.add_argument("--labels", action="store_true", help="also output seg_labels (argmax)")
+    p.add_argument("--class-names", metavar="A,B,...",
+                   help="C comma-separated class names (metadata seg.classes)")
+    p.add_argument("--fp16", action="store_true",
+                   help="store matrices and conv kernels as f16 (routers, norms, biases f32)")
+    p.add_argument("--variant", choices=("shared_base", "naive"), default=None,
+                   help="MoE-LoRA graph form (default shared_base)")
+    p.add_argument("--random-init", type=int, metavar="SEED", default=None,
+                   help="random weights from SEED instead of a checkpoint (testing)")
+    p.add_argument("--partial", action="store_true",
+                   help="keep keys the checkpoint lacks at their initial values (e.g. a Depth "
+                   "Anything V2 checkpoint: zero LoRA B, so each FFN is the dense one)")
+    p.add_argument("-o", "--output", required=True, help="the .vkg file to write")
+
+    def run(args):
+        from .depth_seg import run_export
+        return run_export(args)
+    p.set_defaults(func=run)
+
+
+COMMANDS.append(add_depth_seg)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="python3 -m vkg",
                                      description="vkg graph tools: inspect and export .vkg files")

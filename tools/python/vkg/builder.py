@@ -6,15 +6,23 @@ carried through ops that keep it) or None (unknown). When written, inputs keep t
 intermediates and outputs write every non-fixed dim as the empty symbol ("inferred, unchecked").
 """
 
+import math
+
 import numpy as np
 
 from . import format as fmt
+from .errors import ExportError
 
 ACTIVATIONS = {"none": 0, "relu": 1, "gelu": 2}
 MOE_ACTIVATIONS = {"relu": 1, "gelu": 2, "swiglu": 3}
 MOE_ROUTER_OUTPUTS = ("ids", "gates", "counts", "fraction", "mean_score", "load_balance", "z_loss")
 LORA_MAX_ADAPTERS = 8
 LORA_MAX_RANK = 512
+
+
+class _OpError(ExportError, ValueError):
+    """A Builder check of the dense-head ops: an ExportError that also passes where a Builder
+    check's ValueError is expected (the exporter's wrapping, existing callers)."""
 
 
 class Tensor:
@@ -423,6 +431,26 @@ class Builder:
                 out.append(None)
         return self._node(op, name, [a.index, b.index], out)
 
+    def add_n(self, tensors, scale=None, name=None):
+        """scale * (t0 + t1 + ...) for 2 to 8 f32 tensors of one shape, summed left to right in
+        one dispatch (scale omitted: 1)."""
+        name = self._node_name(name, "add_n")
+        tensors = list(tensors)
+        if not 2 <= len(tensors) <= 8:
+            raise ValueError("node %r: add_n takes 2 to 8 tensors, got %d" % (name, len(tensors)))
+        for i, t in enumerate(tensors):
+            self._check_tensor(t, name, "input %d" % i)
+            if t.dtype != "f32" or t.rank != tensors[0].rank or any(
+                    isinstance(p, int) and isinstance(q, int) and p != q
+                    for p, q in zip(t.shape, tensors[0].shape)):
+                raise ValueError("node %r: add_n needs f32 tensors of one shape; %r and %r differ"
+                                 % (name, tensors[0], t))
+        attrs = {}
+        if scale is not None:
+            attrs["scale"] = float(scale)
+        return self._node("add_n", name, [t.index for t in tensors], list(tensors[0].shape),
+                          attrs)
+
     def add(self, a, b, name=None):
         return self._broadcast("add", a, b, name)
 
@@ -547,9 +575,13 @@ class Builder:
             attrs["scale"] = float(scale)
         return attrs
 
-    def attention(self, q, k, v, heads, scale=None, mask=None, key_padding=None, name=None):
+    def attention(self, q, k, v, heads, scale=None, mask=None, key_padding=None, name=None,
+                  k_col=None, v_col=None):
         """softmax(q_h k_h^T * scale + mask + key_padding) v_h per head, heads concatenated.
-        q (N, Tq, H*d), k, v (N, Tk, H*d); scale defaults to 1/sqrt(d) (attribute omitted)."""
+        q (N, Tq, H*d), k, v (N, Tk, H*d); scale defaults to 1/sqrt(d) (attribute omitted).
+        k_col, v_col (together): k and v are the H*d columns starting there of k and v, which
+        then share one width F (e.g. one (N, Tk, F) projection of the memory for several
+        layers; k and v may be the same Tensor)."""
         name = self._node_name(name, "attention")
         for what, t in (("q", q), ("k", k), ("v", v)):
             self._check_tensor(t, name, what)
@@ -557,8 +589,20 @@ class Builder:
                 raise ValueError("node %r: %s must be f32 of rank 3 (N, T, H*d), got %r"
                                  % (name, what, t))
         n = q.shape[0]
+        cols = (k_col is not None) or (v_col is not None)
+        if cols:
+            if k_col is None or v_col is None or int(k_col) < 0 or int(v_col) < 0:
+                raise ValueError("node %r: k_col and v_col come together, each >= 0" % name)
+            hd, fk, fv = q.shape[2], k.shape[2], v.shape[2]
+            if isinstance(fk, int) and isinstance(fv, int) and fk != fv:
+                raise ValueError("node %r: with k_col/v_col, k %s and v %s must have one width"
+                                 % (name, _shape_str(k.shape), _shape_str(v.shape)))
+            for what, c, f in (("k", k_col, fk), ("v", v_col, fv)):
+                if isinstance(hd, int) and isinstance(f, int) and int(c) + hd > f:
+                    raise ValueError("node %r: %s columns [%d, %d) outside its width %d"
+                                     % (name, what, int(c), int(c) + hd, f))
         for what, t in (("k", k), ("v", v)):
-            for i in (0, 2):
+            for i in ((0,) if cols else (0, 2)):
                 a, b = q.shape[i], t.shape[i]
                 if isinstance(a, int) and isinstance(b, int) and a != b:
                     raise ValueError("node %r: q %s and %s %s differ in dim %d"
@@ -567,6 +611,8 @@ class Builder:
             raise ValueError("node %r: k %s and v %s differ in Tk"
                              % (name, _shape_str(k.shape), _shape_str(v.shape)))
         attrs = self._attention_attrs(name, heads, scale, q.shape[2])
+        if cols:
+            attrs["k_col"], attrs["v_col"] = int(k_col), int(v_col)
         extra = self._attention_common(name, n, q.shape[1], k.shape[1], mask, key_padding)
         return self._node("attention", name, [q.index, k.index, v.index] + extra,
                           list(q.shape), attrs)
@@ -659,6 +705,163 @@ class Builder:
             out[ax] = None
         return self._node("slice", name, [x.index], out, {"axis": axis, "start": start,
                                                           "end": end}, dtype=x.dtype)
+
+    # -- dense-head ops: resize_bilinear, adaptive_avg_pool2d, batchnorm, concat, permute, argmax --
+    def _check_image(self, x, name):
+        self._check_tensor(x, name, "x")
+        if x.dtype != "f32" or x.rank != 4:
+            raise _OpError("node %r: x must be f32 (N, C, H, W), got %r" % (name, x))
+        for what, d in (("H", x.shape[2]), ("W", x.shape[3])):
+            if isinstance(d, int) and d < 1:
+                raise _OpError("node %r: x %s has %s = %d; resampling needs >= 1"
+                               % (name, _shape_str(x.shape), what, d))
+
+    @staticmethod
+    def _hw(name, what, v, kind):
+        """An int/float or a pair of them -> [h, w] (ints >= 1 or finite floats > 0)."""
+        vals = list(v) if isinstance(v, (tuple, list, np.ndarray)) else [v, v]
+        if len(vals) != 2:
+            raise _OpError("node %r: %s %r: expected one value or two (H, W)" % (name, what, v))
+        out = []
+        for e in vals:
+            if kind is int:
+                if isinstance(e, bool) or not isinstance(e, (int, np.integer)) or not 1 <= e <= 1 << 30:
+                    raise _OpError("node %r: %s %r: expected sizes 1..2^30" % (name, what, v))
+                out.append(int(e))
+            else:
+                if isinstance(e, bool) or not isinstance(e, (int, float, np.integer, np.floating)) \
+                        or not 0 < float(e) < 1e9:
+                    raise _OpError("node %r: %s %r: expected finite numbers > 0" % (name, what, v))
+                out.append(float(e))
+        return out
+
+    def resize_bilinear(self, x, size=None, scale=None, align_corners=False, name=None):
+        """PyTorch's bilinear interpolate of x (N, C, H, W) to size (Ho, Wo) or by scale (sh, sw)
+        (exactly one; output floor(H sh) x floor(W sw); with align_corners=False the source steps
+        by 1/scale, as F.interpolate(scale_factor=...) without recompute_scale_factor)."""
+        name = self._node_name(name, "resize_bilinear")
+        self._check_image(x, name)
+        if (size is None) == (scale is None):
+            raise _OpError("node %r: give exactly one of size and scale" % name)
+        n, c, h, w = x.shape
+        if size is not None:
+            ho, wo = self._hw(name, "size", size, int)
+            attrs = {"size": fmt.Attr(fmt.ATTR_INTS, [ho, wo])}
+        else:
+            sh, sw = self._hw(name, "scale", scale, float)
+            ho, wo = [int(math.floor(d * s)) if isinstance(d, int) else None
+                      for d, s in ((h, sh), (w, sw))]
+            for what, d, o in (("H", h, ho), ("W", w, wo)):
+                if o is not None and not 1 <= o <= 1 << 30:
+                    raise _OpError("node %r: scale %r takes %s = %d to %d; expected 1..2^30"
+                                   % (name, scale, what, d, o))
+            attrs = {"scale": fmt.Attr(fmt.ATTR_FLOATS, [sh, sw])}
+        if align_corners not in (0, 1, False, True):
+            raise _OpError("node %r: align_corners must be a bool, got %r" % (name, align_corners))
+        if align_corners:
+            attrs["align_corners"] = 1
+        return self._node("resize_bilinear", name, [x.index], [n, c, ho, wo], attrs)
+
+    def adaptive_avg_pool2d(self, x, size, name=None):
+        """Mean of x (N, C, H, W) over windows [floor(i H / Ho), ceil((i+1) H / Ho)) x (the same
+        along W): F.adaptive_avg_pool2d, F.interpolate(mode='area')."""
+        name = self._node_name(name, "adaptive_avg_pool2d")
+        self._check_image(x, name)
+        ho, wo = self._hw(name, "size", size, int)
+        return self._node("adaptive_avg_pool2d", name, [x.index], [x.shape[0], x.shape[1], ho, wo],
+                          {"size": fmt.Attr(fmt.ATTR_INTS, [ho, wo])})
+
+    def batchnorm(self, x, mean, var, weight=None, bias=None, eps=1e-5, name=None):
+        """Inference batch norm over dim 1 of x (N, C, ...): (x - mean) / sqrt(var + eps) * weight
+        + bias; mean, var, weight, bias are f32 (C) tensors (weight, bias optional)."""
+        name = self._node_name(name, "batchnorm")
+        self._check_tensor(x, name, "x")
+        if x.dtype != "f32" or x.rank < 2:
+            raise _OpError("node %r: x must be f32 (N, C, ...), got %r" % (name, x))
+        inputs = [x.index]
+        for what, t in (("mean", mean), ("var", var), ("weight", weight), ("bias", bias)):
+            if t is None:
+                if what in ("mean", "var"):
+                    raise _OpError("node %r: %s is required" % (name, what))
+                inputs.append(None)
+                continue
+            self._check_tensor(t, name, what)
+            if t.dtype != "f32" or t.rank != 1 or self._dims_clash(t.shape[0], x.shape[1]):
+                raise _OpError("node %r: %s must be an f32 (C) tensor with C = %s, got %r"
+                               % (name, what, _dim_str(x.shape[1]), t))
+            inputs.append(t.index)
+        while inputs[-1] is None:
+            inputs.pop()
+        eps = float(eps)
+        if not 0 <= eps < 1e30:
+            raise _OpError("node %r: eps must be finite and >= 0, got %r" % (name, eps))
+        return self._node("batchnorm", name, inputs, list(x.shape), {"eps": eps})
+
+    def concat(self, tensors, axis, name=None):
+        """Concatenation of 2 or more f32 tensors of one rank along axis (negative counts from the
+        end); every other dim must match. More than 8 become a chain of concat nodes."""
+        name = self._node_name(name, "concat")
+        ts = list(tensors)
+        if len(ts) < 2:
+            raise _OpError("node %r: concat needs 2 or more tensors, got %d" % (name, len(ts)))
+        for i, t in enumerate(ts):
+            self._check_tensor(t, name, "input %d" % i)
+            if t.dtype != "f32" or t.rank != ts[0].rank or t.rank < 1:
+                raise _OpError("node %r: inputs must be f32 of one rank >= 1, got %r and %r"
+                               % (name, ts[0], t))
+        r = ts[0].rank
+        axis = int(axis)
+        if not -r <= axis < r:
+            raise _OpError("node %r: axis %d outside the %d dims of %s"
+                           % (name, axis, r, _shape_str(ts[0].shape)))
+        axis %= r
+        if len(ts) > 8:
+            head = self.concat(ts[:8], axis, name=name + ".part")
+            return self.concat([head] + ts[8:], axis, name=name)
+        out = []
+        for d in range(r):
+            dims = [t.shape[d] for t in ts]
+            if d == axis:
+                out.append(sum(dims) if all(isinstance(v, int) for v in dims) else None)
+                continue
+            fixed = {v for v in dims if isinstance(v, int)}
+            if len(fixed) > 1:
+                raise _OpError("node %r: inputs %s differ in dim %d (only axis %d may)"
+                               % (name, ", ".join(_shape_str(t.shape) for t in ts), d, axis))
+            out.append(fixed.pop() if fixed else dims[0] if len(set(dims)) == 1 else None)
+        return self._node("concat", name, [t.index for t in ts], out, {"axis": axis})
+
+    def permute(self, x, perm, name=None):
+        """x with its dims reordered: output dim d is input dim perm[d] (negative entries count from
+        the end), as Tensor.permute."""
+        name = self._node_name(name, "permute")
+        self._check_tensor(x, name, "x")
+        self._check_f32(x, name)
+        p = [int(v) for v in perm]
+        r = x.rank
+        if len(p) != r or sorted(v % r if -r <= v < r else -1 for v in p) != list(range(r)):
+            raise _OpError("node %r: perm %s is not a permutation of the %d dims of %s"
+                           % (name, list(perm), r, _shape_str(x.shape)))
+        p = [v % r for v in p]
+        return self._node("permute", name, [x.index], [x.shape[v] for v in p],
+                          {"perm": fmt.Attr(fmt.ATTR_INTS, p)})
+
+    def argmax(self, x, axis=1, name=None):
+        """i32 index of the maximum along axis (removed from the shape): the first NaN if any
+        (PyTorch treats NaN as the maximum), else the first maximum."""
+        name = self._node_name(name, "argmax")
+        self._check_tensor(x, name, "x")
+        self._check_f32(x, name)
+        axis = int(axis)
+        if x.rank < 1 or not -x.rank <= axis < x.rank:
+            raise _OpError("node %r: axis %d outside the %d dims of %s"
+                           % (name, axis, x.rank, _shape_str(x.shape)))
+        axis %= x.rank
+        if x.shape[axis] == 0:
+            raise _OpError("node %r: argmax over dim %d of %s, which is empty"
+                           % (name, axis, _shape_str(x.shape)))
+        out = [d for i, d in enumerate(x.shape) if i != axis]
+        return self._node("argmax", name, [x.index], out, {"axis": axis}, dtype="i32")
 
     # -- Mixture-of-Experts ops (moe_router, moe_experts, moe_lora_mix; docs/moe.md) --
     @staticmethod
@@ -853,6 +1056,162 @@ class Builder:
             [("hbar", "f32", lead + [h]), ("c", "f32", lead + [d])],
             {"lora_scale": lora_scale, "activation": activation}))
 
+    # -- convolutions (conv2d, conv_transpose2d): NCHW, PyTorch's semantics and weight layouts --
+    @staticmethod
+    def _conv_pair(name, what, v, lo):
+        """An int or a pair of ints, each >= lo, as [height, width]."""
+        if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+            v = (v, v)
+        try:
+            v = tuple(v)
+        except TypeError:
+            raise ConvError("node %r: %s %r is not an int or a pair of ints" % (name, what, v)) from None
+        if len(v) != 2 or any(isinstance(e, bool) or not isinstance(e, (int, np.integer)) for e in v):
+            raise ConvError("node %r: %s %r is not an int or a pair of ints" % (name, what, v))
+        if any(e < lo or e > 65535 for e in v):
+            raise ConvError("node %r: %s %s outside %d..65535" % (name, what, list(v), lo))
+        return [int(v[0]), int(v[1])]
+
+    def _conv_const(self, name, what, t, rank):
+        """weight / bias: a constant Tensor of this builder, or an array made one."""
+        if not isinstance(t, Tensor):
+            arr = np.asarray(t.detach().cpu().numpy() if hasattr(t, "detach") else t)
+            if arr.dtype not in (np.float16, np.float32, np.float64):
+                raise ConvError("node %r: %s must be a float array, got %s" % (name, what, arr.dtype))
+            if what != "weight" or arr.dtype == np.float64:
+                arr = arr.astype(np.float32)   # weights keep f16; biases are f32
+            t = self.constant(self.unique_tensor_name("%s.%s" % (name, what)), arr)
+        if not isinstance(t, Tensor) or t.builder is not self:
+            raise ConvError("node %r: %s is not a tensor of this builder (%r)" % (name, what, t))
+        dtypes = ("f32", "f16") if what == "weight" else ("f32",)
+        if t.role != "constant" or t.rank != rank or t.dtype not in dtypes:
+            raise ConvError("node %r: %s must be a rank-%d %s constant, got %r"
+                            % (name, what, rank, "/".join(dtypes), t))
+        return t
+
+    def _conv_x(self, name, x):
+        if not isinstance(x, Tensor) or x.builder is not self:
+            raise ConvError("node %r: x is not a tensor of this builder (%r)" % (name, x))
+        if x.dtype != "f32" or x.rank != 4:
+            raise ConvError("node %r: x must be f32 (N, C, H, W), got %r" % (name, x))
+
+    def conv2d(self, x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
+               activation=None, residual=None, name=None):
+        """act(conv(x, weight) + bias) + residual, as torch.nn.functional.conv2d: x (N, C, H, W)
+        f32; weight (O, C/groups, kh, kw) f32/f16 constant (a Tensor, or an array made one);
+        bias (O,) f32; stride, padding (symmetric zeros), dilation: ints or (h, w) pairs;
+        activation None or "relu"; residual (N, O, Ho, Wo) f32, added last."""
+        name = self._node_name(name, "conv2d")
+        self._conv_x(name, x)
+        w = self._conv_const(name, "weight", weight, 4)
+        o, cg, kh, kw = w.shape
+        if isinstance(groups, bool) or not isinstance(groups, (int, np.integer)) or groups < 1:
+            raise ConvError("node %r: groups must be an int >= 1, got %r" % (name, groups))
+        groups = int(groups)
+        if o % groups:
+            raise ConvError("node %r: %d output channels are not a multiple of groups=%d"
+                            % (name, o, groups))
+        c = x.shape[1]
+        if isinstance(c, int) and c != cg * groups:
+            raise ConvError("node %r: x %s has C=%d but weight %r is %s with groups=%d: expected "
+                            "C=%d" % (name, _shape_str(x.shape), c, w.name, _shape_str(w.shape),
+                                      groups, cg * groups))
+        s = self._conv_pair(name, "stride", stride, 1)
+        p = self._conv_pair(name, "padding", padding, 0)
+        d = self._conv_pair(name, "dilation", dilation, 1)
+        if activation in (None, 0, "none"):
+            act = 0
+        elif activation in (1, "relu"):
+            act = 1
+        else:
+            raise ConvError("node %r: activation %r is not None or 'relu'" % (name, activation))
+        out = [x.shape[0], o]
+        for i, (k, dim) in enumerate(((kh, x.shape[2]), (kw, x.shape[3]))):
+            if not isinstance(dim, int):
+                out.append(None)
+                continue
+            num = dim + 2 * p[i] - d[i] * (k - 1) - 1
+            if num < 0:
+                raise ConvError("node %r: x %s is too small for kernel %dx%d (padding %s, dilation "
+                                "%s): output %s would be <= 0" % (name, _shape_str(x.shape), kh, kw,
+                                                                 p, d, "HW"[i]))
+            out.append(num // s[i] + 1)
+        b = None if bias is None else self._conv_const(name, "bias", bias, 1)
+        if b is not None and b.shape != (o,):
+            raise ConvError("node %r: bias %r must have shape (%d)" % (name, b.name, o))
+        if residual is not None:
+            if not isinstance(residual, Tensor) or residual.builder is not self:
+                raise ConvError("node %r: residual is not a tensor of this builder" % name)
+            if residual.dtype != "f32" or residual.rank != 4 or any(
+                    self._dims_clash(a, e) for a, e in zip(residual.shape, out)):
+                raise ConvError("node %r: residual %r must be f32 of the output's shape %s"
+                                % (name, residual, _shape_str(out)))
+        attrs = {}
+        for key, v, dflt in (("stride", s, 1), ("padding", p, 0), ("dilation", d, 1)):
+            if v != [dflt, dflt]:
+                attrs[key] = fmt.Attr(fmt.ATTR_INTS, v)
+        if groups != 1:
+            attrs["groups"] = groups
+        if act:
+            attrs["activation"] = act
+        ins = [x.index, w.index, None if b is None else b.index,
+               None if residual is None else residual.index]
+        while ins[-1] is None:
+            ins.pop()
+        return self._node("conv2d", name, ins, out, attrs)
+
+    def conv_transpose2d(self, x, weight, bias=None, stride=1, padding=0, output_padding=0,
+                         dilation=1, groups=1, name=None):
+        """torch.nn.functional.conv_transpose2d: x (N, C, H, W) f32; weight (C, O/groups, kh, kw)
+        f32/f16 constant (or an array); bias (O,) f32; stride, padding, output_padding,
+        dilation: ints or (h, w) pairs. Output (N, O, (H-1)s - 2p + d(k-1) + output_padding + 1,
+        ...)."""
+        name = self._node_name(name, "conv_transpose2d")
+        self._conv_x(name, x)
+        w = self._conv_const(name, "weight", weight, 4)
+        cw, ocg, kh, kw = w.shape
+        if isinstance(groups, bool) or not isinstance(groups, (int, np.integer)) or groups < 1:
+            raise ConvError("node %r: groups must be an int >= 1, got %r" % (name, groups))
+        groups = int(groups)
+        if cw % groups:
+            raise ConvError("node %r: weight %r has %d input channels, not a multiple of groups=%d"
+                            % (name, w.name, cw, groups))
+        c = x.shape[1]
+        if isinstance(c, int) and c != cw:
+            raise ConvError("node %r: x %s has C=%d but weight %r is %s: expected C=%d"
+                            % (name, _shape_str(x.shape), c, w.name, _shape_str(w.shape), cw))
+        o = ocg * groups
+        s = self._conv_pair(name, "stride", stride, 1)
+        p = self._conv_pair(name, "padding", padding, 0)
+        op = self._conv_pair(name, "output_padding", output_padding, 0)
+        d = self._conv_pair(name, "dilation", dilation, 1)
+        for i in range(2):
+            if op[i] and op[i] >= s[i] and op[i] >= d[i]:
+                raise ConvError("node %r: output_padding %s must be smaller than the stride %s or "
+                                "the dilation %s" % (name, op, s, d))
+        out = [x.shape[0], o]
+        for i, (k, dim) in enumerate(((kh, x.shape[2]), (kw, x.shape[3]))):
+            if not isinstance(dim, int):
+                out.append(None)
+                continue
+            v = (dim - 1) * s[i] - 2 * p[i] + d[i] * (k - 1) + op[i] + 1
+            if v < 1:
+                raise ConvError("node %r: x %s gives an output %s of %d" % (name, _shape_str(x.shape),
+                                                                            "HW"[i], v))
+            out.append(v)
+        b = None if bias is None else self._conv_const(name, "bias", bias, 1)
+        if b is not None and b.shape != (o,):
+            raise ConvError("node %r: bias %r must have shape (%d)" % (name, b.name, o))
+        attrs = {}
+        for key, v, dflt in (("stride", s, 1), ("padding", p, 0), ("output_padding", op, 0),
+                             ("dilation", d, 1)):
+            if v != [dflt, dflt]:
+                attrs[key] = fmt.Attr(fmt.ATTR_INTS, v)
+        if groups != 1:
+            attrs["groups"] = groups
+        ins = [x.index, w.index] + ([] if b is None else [b.index])
+        return self._node("conv_transpose2d", name, ins, out, attrs)
+
     # -- graph outputs and metadata --
     def output(self, tensor, name=None):
         """Marks tensor as a graph output named name (renaming it). Inputs, constants and
@@ -924,3 +1283,11 @@ class Builder:
 
     def parameter_count(self):
         return sum(int(np.prod(t.shape)) for t in self.tensors if t.role == "constant")
+
+
+from .errors import ExportError  # noqa: E402  (after Builder: errors.py imports nothing of ours)
+
+
+class ConvError(ExportError, ValueError):
+    """A conv2d / conv_transpose2d the builder refuses, naming the node: an ExportError that is
+    also the ValueError every Builder check raises (the exporter adds the module path to those)."""

@@ -19,7 +19,10 @@ Written from shared/docs/model-spec.md §1.2 (not copied from any repository).
   `Dinov2Model` (.safetensors or .bin) layouts (SwiGLU: timm's SwiGLUPacked mlp.fc1 / mlp.fc2
   and HF's Dinov2SwiGLUFFN mlp.weights_in / mlp.weights_out map to mlp.w12 / mlp.w3), auto-detected; a mismatch raises CheckpointError
   listing missing / unexpected / mis-shaped keys.
-- `export_dinov2(model, (H, W), taps, norm, fp16)` builds the graph with vkg.Builder.
+- `export_dinov2(model, (H, W), taps, norm, fp16)` builds the graph with vkg.Builder;
+  `build_backbone(b, model, ...)` is its backbone part (input, blocks, tap tensors; an `ffn`
+  callback replaces each block's FFN), shared with vkg.depth_seg.
+- `DinoV2(..., config=dict)` takes an arch_config()-style dict for widths no official arch has.
 """
 
 import math
@@ -149,9 +152,11 @@ class Block(nn.Module):
 class DinoV2(nn.Module):
     """DINOv2 ViT backbone (inference). depth overrides the arch's block count (for tests)."""
 
-    def __init__(self, arch="vits14", depth=None, img_size=IMG_SIZE):
+    def __init__(self, arch="vits14", depth=None, img_size=IMG_SIZE, config=None):
         super().__init__()
-        cfg = arch_config(arch)
+        # config: an arch_config()-style dict for widths no official arch has (vkg.depth_seg's
+        # reduced bundled model); arch is then only a label
+        cfg = arch_config(arch) if config is None else dict(config)
         self.arch = arch
         self.cfg = cfg
         d = self.embed_dim = cfg["embed_dim"]
@@ -511,32 +516,17 @@ def to_hf_state_dict(sd):
 # export
 
 
-def export_dinov2(model, image_size, taps=(3, 6, 9, 12), norm=False, fp16=False, path=None,
-                  metadata=None, tokens="all"):
-    """Builds the .vkg graph of model for image_size = (H, W): input `image` (batch, 3, H, W) f32,
-    outputs `block<t>` (batch, 1 + R + h*w, D) for each tap t (1-based), through the final
-    LayerNorm when norm. tokens: "all" (cls, registers, patches), "patches" (h*w patch tokens) or
-    "cls_patches" (cls then patches: registers dropped). fp16 stores the linear (and patch) weights
-    as f16. Returns the Builder (saved to path when given)."""
-    if tokens not in ("all", "patches", "cls_patches"):
-        raise ExportError("tokens=%r: expected 'all', 'patches' or 'cls_patches'" % (tokens,))
-    if not isinstance(model, DinoV2):
-        raise ExportError("export_dinov2 needs a vkg.dinov2.DinoV2, got %s" % type(model).__name__)
+def build_backbone(b, model, image_size, taps, norm=False, fp16=False, ffn=None):
+    """Adds input `image` (batch, 3, H, W) and the blocks up to max(taps) to Builder b.
+    Returns {tap: tensor (batch, 1 + R + h*w, D)}, through the final LayerNorm when norm (its
+    constants shared by every tap). ffn(b, i, f, x) -> x replaces block i's FFN step: f is
+    norm2's output, x the residual stream; it returns x + ls2.gamma * FFN(f) (vkg.depth_seg's
+    MoE-LoRA blocks). Checks are the caller's (export_dinov2)."""
     H, W = (int(s) for s in image_size)
-    if H <= 0 or W <= 0 or H % PATCH or W % PATCH:
-        raise ExportError("image size %dx%d: both sides must be positive multiples of %d"
-                          % (H, W, PATCH))
-    taps = [int(t) for t in taps]
-    if not taps or len(set(taps)) != len(taps):
-        raise ExportError("taps %s: give distinct block numbers" % taps)
-    for t in taps:
-        if not 1 <= t <= model.depth:
-            raise ExportError("tap %d is outside blocks 1..%d" % (t, model.depth))
     h, w = H // PATCH, W // PATCH
     d = model.embed_dim
     sd = {k: v.detach().cpu().float().numpy() for k, v in model.state_dict().items()}
     wdt = "f16" if fp16 else "f32"
-    b = Builder()
 
     def const(key, arr=None, dtype=None):
         return b.constant(key, sd[key] if arr is None else arr, dtype=dtype)
@@ -560,7 +550,6 @@ def export_dinov2(model, image_size, taps=(3, 6, 9, 12), norm=False, fp16=False,
     x = b.add(x, b.constant("pos_embed", pe), name="pos_embed.add")
     if model.n_registers:
         x = b.insert_tokens(x, const("register_tokens"), 1, name="register_tokens.insert")
-    norm_w = norm_b = None
     blocks_out = {}
     for i in range(max(taps)):
         p = "blocks.%d" % i
@@ -570,7 +559,9 @@ def export_dinov2(model, image_size, taps=(3, 6, 9, 12), norm=False, fp16=False,
         # x + ls1.gamma * proj(a): LayerScale and the residual add in the projection's epilogue
         x = lin(a, p + ".attn.proj", p + ".attn.proj", scale=const(p + ".ls1.gamma"), residual=x)
         f = ln(x, p + ".norm2", p + ".norm2")
-        if model.ffn == "swiglu":
+        if ffn is not None:
+            x = ffn(b, i, f, x)
+        elif model.ffn == "swiglu":
             # w3(silu(x1) * x2) with x1, x2 = w12(f).chunk(2, -1)
             f = lin(f, p + ".mlp.w12", p + ".mlp.w12")
             f = b.swiglu(f, name=p + ".mlp.swiglu")
@@ -580,12 +571,50 @@ def export_dinov2(model, image_size, taps=(3, 6, 9, 12), norm=False, fp16=False,
             x = lin(f, p + ".mlp.fc2", p + ".mlp.fc2", scale=const(p + ".ls2.gamma"),
                     residual=x)
         blocks_out[i + 1] = x
+    out = {}
+    norm_w = norm_b = None
     for t in taps:
         y = blocks_out[t]
         if norm:
             if norm_w is None:
                 norm_w, norm_b = const("norm.weight"), const("norm.bias")
             y = b.layernorm(y, norm_w, norm_b, eps=LN_EPS, name="norm.block%d" % t)
+        out[t] = y
+    return out
+
+
+def check_export_args(model, image_size, taps):
+    """(H, W, taps as ints) or ExportError."""
+    H, W = (int(s) for s in image_size)
+    if H <= 0 or W <= 0 or H % PATCH or W % PATCH:
+        raise ExportError("image size %dx%d: both sides must be positive multiples of %d"
+                          % (H, W, PATCH))
+    taps = [int(t) for t in taps]
+    if not taps or len(set(taps)) != len(taps):
+        raise ExportError("taps %s: give distinct block numbers" % taps)
+    for t in taps:
+        if not 1 <= t <= model.depth:
+            raise ExportError("tap %d is outside blocks 1..%d" % (t, model.depth))
+    return H, W, taps
+
+
+def export_dinov2(model, image_size, taps=(3, 6, 9, 12), norm=False, fp16=False, path=None,
+                  metadata=None, tokens="all"):
+    """Builds the .vkg graph of model for image_size = (H, W): input `image` (batch, 3, H, W) f32,
+    outputs `block<t>` (batch, 1 + R + h*w, D) for each tap t (1-based), through the final
+    LayerNorm when norm. tokens: "all" (cls, registers, patches), "patches" (h*w patch tokens) or
+    "cls_patches" (cls then patches: registers dropped). fp16 stores the linear (and patch) weights
+    as f16. Returns the Builder (saved to path when given)."""
+    if tokens not in ("all", "patches", "cls_patches"):
+        raise ExportError("tokens=%r: expected 'all', 'patches' or 'cls_patches'" % (tokens,))
+    if not isinstance(model, DinoV2):
+        raise ExportError("export_dinov2 needs a vkg.dinov2.DinoV2, got %s" % type(model).__name__)
+    H, W, taps = check_export_args(model, image_size, taps)
+    h, w = H // PATCH, W // PATCH
+    b = Builder()
+    outs = build_backbone(b, model, (H, W), taps, norm=norm, fp16=fp16)
+    for t in taps:
+        y = outs[t]
         first = 1 + model.n_registers
         if tokens == "patches":
             y = b.slice(y, 1, first, first + h * w, name="block%d.patches" % t)

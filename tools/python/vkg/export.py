@@ -151,6 +151,7 @@ class _Converter:
         self.ex_shape = {}      # builder tensor index -> example shape (tuple of ints)
         self.const_by_id = {}   # id(torch tensor) -> builder constant
         self.node = None
+        self.folded = set()     # BatchNorm fx nodes folded into the Conv2d before them
 
     # -- helpers --
     def fail(self, what):
@@ -297,10 +298,31 @@ class _Converter:
             return self.const(node.target, obj)
         return obj
 
+    def _foldable_bn(self, node, mod):
+        """The eval-mode BatchNorm2d module and fx node that are the only user of this Conv2d's
+        output (so folding it changes nothing else), or (None, None)."""
+        if type(mod) is not nn.Conv2d or len(node.users) != 1:
+            return None, None
+        user = next(iter(node.users))
+        if user.op != "call_module" or len(user.args) != 1 or user.kwargs:
+            return None, None
+        bn = self.gm.get_submodule(user.target)
+        if (type(bn) is not nn.BatchNorm2d or bn.training or bn.running_mean is None
+                or bn.running_var is None or bn.num_features != mod.out_channels
+                or _find_converter(type(bn)) is not None):
+            return None, None
+        return bn, user
+
     def call_module(self, node):
         mod = self.gm.get_submodule(node.target)
         args = self.map(node.args)
         kwargs = self.map(node.kwargs)
+        if node in self.folded:     # its scale and shift are in the conv that feeds it
+            return args[0]
+        bn, bn_node = self._foldable_bn(node, mod)
+        if bn is not None:
+            mod = _fold_bn(mod, bn)
+            self.folded.add(bn_node)
         conv = _find_converter(type(mod))
         path = node.target
         if conv is not None:
@@ -674,6 +696,254 @@ _METHODS = {
     "dim": _method_dim,
     "contiguous": _method_passthrough,
 }
+
+
+# ---- convolutions (conv2d, conv_transpose2d) ----
+
+def _conv_weight(c, w, path, what="weight"):
+    """A conv weight or bias: a parameter (constant) of the model. f16 storage with fp16=True."""
+    if isinstance(w, Tensor):
+        if w.role != "constant":
+            c.fail("%s with a %s that is not a parameter" % (_qualname(c.node.target), what))
+        return w
+    return c.const(path + "." + what, w, ("f16" if c.fp16 else "keep") if what == "weight" else "f32")
+
+
+def _conv_padding(c, m):
+    """nn.Conv2d's padding: ints, "valid", or "same" where PyTorch pads symmetrically."""
+    p = m.padding
+    if p == "valid":
+        return (0, 0)
+    if p == "same":
+        total = [d * (k - 1) for d, k in zip(m.dilation, m.kernel_size)]
+        if any(t % 2 for t in total):
+            c.fail("Conv2d(padding='same') with kernel %s and dilation %s pads asymmetrically; vkg's "
+                   "conv2d pads symmetrically" % (tuple(m.kernel_size), tuple(m.dilation)))
+        return tuple(t // 2 for t in total)
+    return tuple(p)
+
+
+def _fold_bn(conv, bn):
+    """A copy of conv with an inference BatchNorm2d after it folded in (float64 arithmetic):
+    W' = W * s per output channel, b' = (b - mean) * s + beta, s = gamma / sqrt(var + eps)."""
+    import copy
+    s = bn.running_var.double().add(bn.eps).rsqrt()
+    if bn.weight is not None:
+        s = s * bn.weight.double()
+    b = conv.bias.double() if conv.bias is not None else torch.zeros(conv.out_channels,
+                                                                      dtype=torch.float64)
+    b = (b - bn.running_mean.double()) * s
+    if bn.bias is not None:
+        b = b + bn.bias.double()
+    out = copy.deepcopy(conv)
+    with torch.no_grad():
+        out.weight.copy_(conv.weight.double() * s.reshape(-1, 1, 1, 1))
+        out.bias = nn.Parameter(b.to(conv.weight.dtype))
+    return out
+
+
+def _m_conv2d(c, m, path, x):
+    if m.padding_mode != "zeros":
+        c.fail("Conv2d(padding_mode=%r): only zero padding ('zeros') is supported" % m.padding_mode)
+    w = _conv_weight(c, m.weight, path)
+    b = _conv_weight(c, m.bias, path, "bias") if m.bias is not None else None
+    return c.b.conv2d(c.tensor_arg(x), w, b, stride=tuple(m.stride), padding=_conv_padding(c, m),
+                      dilation=tuple(m.dilation), groups=m.groups, name=path)
+
+
+def _m_conv_transpose2d(c, m, path, x, output_size=None):
+    if m.padding_mode != "zeros":
+        c.fail("ConvTranspose2d(padding_mode=%r): only zero padding ('zeros') is supported"
+               % m.padding_mode)
+    if output_size is not None:
+        c.fail("ConvTranspose2d called with output_size (set output_padding instead)")
+    w = _conv_weight(c, m.weight, path)
+    b = _conv_weight(c, m.bias, path, "bias") if m.bias is not None else None
+    return c.b.conv_transpose2d(c.tensor_arg(x), w, b, stride=tuple(m.stride),
+                                padding=tuple(m.padding), output_padding=tuple(m.output_padding),
+                                dilation=tuple(m.dilation), groups=m.groups, name=path)
+
+
+def _f_conv2d(c, x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    if isinstance(padding, str):
+        c.fail("conv2d(padding=%r): give the padding as ints" % padding)
+    name = c.name()
+    w = _conv_weight(c, c.tensor_arg(weight, "weight"), name)
+    b = None if bias is None else _conv_weight(c, c.tensor_arg(bias, "bias"), name, "bias")
+    return c.b.conv2d(c.tensor_arg(x), w, b, stride=stride, padding=padding, dilation=dilation,
+                      groups=groups, name=name)
+
+
+def _f_conv_transpose2d(c, x, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1,
+                        dilation=1):
+    name = c.name()
+    w = _conv_weight(c, c.tensor_arg(weight, "weight"), name)
+    b = None if bias is None else _conv_weight(c, c.tensor_arg(bias, "bias"), name, "bias")
+    return c.b.conv_transpose2d(c.tensor_arg(x), w, b, stride=stride, padding=padding,
+                                output_padding=output_padding, dilation=dilation, groups=groups,
+                                name=name)
+
+
+_MODULES.update({nn.Conv2d: _m_conv2d, nn.ConvTranspose2d: _m_conv_transpose2d})
+_FUNCTIONS.update({F.conv2d: _f_conv2d, torch.conv2d: _f_conv2d,
+                   F.conv_transpose2d: _f_conv_transpose2d,
+                   torch.conv_transpose2d: _f_conv_transpose2d})
+
+
+# ---- dense-head ops: interpolate (bilinear, area), adaptive pooling, batch norm, cat, permute,
+# ---- transpose, argmax ----
+
+def _hw_arg(c, v, what, cast):
+    """An int/float or a pair of them (tuple, list, torch.Size; fixed DimRefs) -> [h, w]."""
+    vals = list(v) if isinstance(v, (tuple, list, torch.Size)) else [v, v]
+    if len(vals) != 2:
+        c.fail("%s %r: expected one value or two (H, W)" % (what, v))
+    return [cast(c.intval(e)) for e in vals]
+
+
+def _interpolate(c, x, size=None, scale_factor=None, mode="nearest", align_corners=None,
+                 recompute_scale_factor=None, antialias=False, name=None):
+    x = c.tensor_arg(x)
+    name = name or c.name()
+    if mode not in ("bilinear", "area"):
+        c.fail("interpolate(mode=%r): only 'bilinear' and 'area' are supported" % (mode,))
+    if antialias:
+        c.fail("interpolate(antialias=True) is not supported")
+    if x.rank != 4:
+        c.fail("interpolate of a rank-%d tensor: only (N, C, H, W)" % x.rank)
+    if (size is None) == (scale_factor is None):
+        c.fail("interpolate needs exactly one of size and scale_factor")
+    if size is not None:
+        size = _hw_arg(c, size, "size", int)
+    else:
+        scale = _hw_arg(c, scale_factor, "scale_factor", float)
+        # F.interpolate: 'area' and recompute_scale_factor=True turn the scale into a size.
+        if mode == "area" or recompute_scale_factor:
+            if not all(isinstance(d, int) for d in x.shape[2:]):
+                c.fail("interpolate(scale_factor=...) on symbolic spatial sizes %s"
+                       % (x.shape[2:],))
+            size = [int(np.floor(d * s)) for d, s in zip(x.shape[2:], scale)]
+    if mode == "area":
+        return c.b.adaptive_avg_pool2d(x, size, name=name)
+    ac = bool(align_corners)
+    if size is not None:
+        return c.b.resize_bilinear(x, size=size, align_corners=ac, name=name)
+    return c.b.resize_bilinear(x, scale=scale, align_corners=ac, name=name)
+
+
+def _m_upsample(c, m, path, x):
+    return _interpolate(c, x, m.size, m.scale_factor, m.mode, m.align_corners,
+                        getattr(m, "recompute_scale_factor", None), name=path)
+
+
+def _adaptive_avg_pool(c, x, output_size, name):
+    x = c.tensor_arg(x)
+    if x.rank != 4:
+        c.fail("adaptive_avg_pool2d of a rank-%d tensor: only (N, C, H, W)" % x.rank)
+    vals = list(output_size) if isinstance(output_size, (tuple, list, torch.Size)) \
+        else [output_size, output_size]
+    if len(vals) != 2:
+        c.fail("adaptive_avg_pool2d output_size %r: expected one value or two" % (output_size,))
+    size = []
+    for v, d in zip(vals, x.shape[2:]):
+        if v is None:  # keep the input's size
+            if not isinstance(d, int):
+                c.fail("adaptive_avg_pool2d keeps a symbolic size %s" % (d,))
+            v = d
+        size.append(int(c.intval(v)))
+    return c.b.adaptive_avg_pool2d(x, size, name=name)
+
+
+def _m_adaptive_avg_pool2d(c, m, path, x):
+    return _adaptive_avg_pool(c, x, m.output_size, path)
+
+
+def _f_adaptive_avg_pool2d(c, x, output_size):
+    return _adaptive_avg_pool(c, x, output_size, c.name())
+
+
+def _m_batchnorm(c, m, path, x):
+    if m.training:
+        c.fail("%s in training mode (call .eval(): vkg exports inference batch norm)"
+               % type(m).__name__)
+    if m.running_mean is None or m.running_var is None:
+        c.fail("%s(track_running_stats=False) normalizes with batch statistics; vkg exports "
+               "inference batch norm with running statistics" % type(m).__name__)
+    mean = c.const(path + ".running_mean", m.running_mean)
+    var = c.const(path + ".running_var", m.running_var)
+    w = c.const(path + ".weight", m.weight) if m.weight is not None else None
+    b = c.const(path + ".bias", m.bias) if m.bias is not None else None
+    return c.b.batchnorm(c.tensor_arg(x), mean, var, w, b, eps=m.eps, name=path)
+
+
+def _f_batch_norm(c, x, running_mean, running_var, weight=None, bias=None, training=False,
+                  momentum=0.1, eps=1e-5):
+    if training:
+        c.fail("batch_norm(training=True): vkg exports inference batch norm")
+    if running_mean is None or running_var is None:
+        c.fail("batch_norm without running statistics")
+    args = [c.tensor_arg(t, what) if t is not None else None for t, what in
+            ((running_mean, "running_mean"), (running_var, "running_var"), (weight, "weight"),
+             (bias, "bias"))]
+    return c.b.batchnorm(c.tensor_arg(x), *args, eps=eps, name=c.name())
+
+
+def _f_cat(c, tensors, dim=0, out=None, axis=None):
+    if out is not None:
+        c.fail("cat(out=...) is not supported")
+    ts = [c.tensor_arg(t, "input") for t in tensors]
+    if not ts:
+        c.fail("cat of no tensors")
+    if len(ts) == 1:
+        return ts[0]
+    return c.b.concat(ts, dim if axis is None else axis, name=c.name())
+
+
+def _permute(c, x, dims):
+    x = c.tensor_arg(x)
+    if len(dims) == 1 and isinstance(dims[0], (tuple, list, torch.Size)):
+        dims = tuple(dims[0])
+    return c.b.permute(x, [c.intval(d) for d in dims], name=c.name())
+
+
+def _f_permute(c, x, dims):
+    return _permute(c, x, (dims,))
+
+
+def _method_permute(c, x, *dims, **kw):
+    return _permute(c, x, (kw["dims"],) if "dims" in kw else dims)
+
+
+def _f_transpose(c, x, dim0, dim1):
+    x = c.tensor_arg(x)
+    r = x.rank
+    d0, d1 = c.intval(dim0), c.intval(dim1)
+    if not (-r <= d0 < r and -r <= d1 < r):
+        c.fail("transpose(%d, %d) of a rank-%d tensor" % (d0, d1, r))
+    perm = list(range(r))
+    perm[d0 % r], perm[d1 % r] = perm[d1 % r], perm[d0 % r]
+    return c.b.permute(x, perm, name=c.name())
+
+
+def _f_argmax(c, x, dim=None, keepdim=False):
+    x = c.tensor_arg(x)
+    if dim is None:
+        c.fail("argmax without dim (over the flattened tensor) is not supported; give dim")
+    if keepdim:
+        c.fail("argmax(keepdim=True) is not supported (vkg's i32 argmax drops the dim)")
+    return c.b.argmax(x, c.intval(dim), name=c.name())
+
+
+_MODULES.update({nn.Upsample: _m_upsample, nn.UpsamplingBilinear2d: _m_upsample,
+                 nn.AdaptiveAvgPool2d: _m_adaptive_avg_pool2d, nn.BatchNorm2d: _m_batchnorm,
+                 nn.BatchNorm1d: _m_batchnorm})
+_FUNCTIONS.update({F.interpolate: _interpolate, F.upsample: _interpolate,
+                   F.adaptive_avg_pool2d: _f_adaptive_avg_pool2d, F.batch_norm: _f_batch_norm,
+                   torch.cat: _f_cat, torch.permute: _f_permute, torch.transpose: _f_transpose,
+                   torch.argmax: _f_argmax})
+if hasattr(torch, "concat"):
+    _FUNCTIONS[torch.concat] = _f_cat
+_METHODS.update({"permute": _method_permute, "transpose": _f_transpose, "argmax": _f_argmax})
 
 
 def trace(module):

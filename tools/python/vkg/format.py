@@ -34,7 +34,9 @@ ATTR_TYPE_NAMES = {1: "INT", 2: "FLOAT", 3: "STRING", 4: "INTS", 5: "FLOATS"}
 
 OPS = ("linear", "layernorm", "gelu", "relu", "add", "mul", "softmax", "reshape",
        "attention", "patchify", "insert_tokens", "slice", "swiglu",
-       "moe_router", "moe_experts", "moe_lora_mix", "tanh", "sigmoid")
+       "moe_router", "moe_experts", "moe_lora_mix", "tanh", "sigmoid", "add_n")
+OPS += ("conv2d", "conv_transpose2d")
+OPS += ("resize_bilinear", "adaptive_avg_pool2d", "batchnorm", "concat", "permute", "argmax")
 
 MAX_STRINGS = 1 << 20
 MAX_STRING_BYTES = 4096

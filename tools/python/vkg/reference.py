@@ -144,6 +144,14 @@ def _eval(node, x, dt):
     if op == "relu":
         need(1)
         return np.maximum(x[0], 0).astype(dt)
+    if op == "add_n":
+        need(2, 8)
+        if any(v.shape != x[0].shape for v in x):
+            raise FormatError("node %r: add_n of shapes %s" % (node.name, [v.shape for v in x]))
+        y = x[0].astype(dt)
+        for v in x[1:]:
+            y = y + v
+        return (y * a.get("scale", 1.0)).astype(dt)
     if op == "tanh":
         need(1)
         return np.tanh(x[0].astype(np.float64)).astype(dt)
@@ -240,6 +248,12 @@ def _eval_attention(node, x, a, dt):
         q, k, v = qkv[..., :w], qkv[..., w:2 * w], qkv[..., 2 * w:]
     else:
         q, k, v = x[0], x[1], x[2]
+        if "k_col" in a or "v_col" in a:
+            kc, vc, hd = int(a.get("k_col", -1)), int(a.get("v_col", -1)), q.shape[-1]
+            if kc < 0 or vc < 0 or k.shape != v.shape or k.ndim != 3 or max(kc, vc) + hd > k.shape[2]:
+                raise FormatError("node %r: k_col %d, v_col %d: k %s, v %s cannot hold %d columns"
+                                  % (node.name, kc, vc, k.shape, v.shape, hd))
+            k, v = k[..., kc:kc + hd], v[..., vc:vc + hd]
         if q.ndim != 3 or k.shape != v.shape or k.ndim != 3 or q.shape[0] != k.shape[0] \
                 or q.shape[2] != k.shape[2]:
             raise FormatError("node %r: q %s, k %s, v %s" % (node.name, q.shape, k.shape, v.shape))
@@ -577,3 +591,256 @@ _EXTRA_OPS.update({"moe_router": _eval_moe_router, "moe_experts": _eval_moe_expe
                    "moe_lora_mix": _eval_moe_lora_mix})
 _I32_OPS = {"moe_router", "moe_experts", "moe_lora_mix", "reshape", "slice"}
 
+
+
+# -- conv2d, conv_transpose2d (NCHW, PyTorch semantics) ------------------------------------------
+
+def _conv_pairs(node, a, keys):
+    out = []
+    for key, dflt in keys:
+        v = list(a.get(key, [dflt, dflt]))
+        if len(v) != 2:
+            raise FormatError("node %r: %s %s is not a pair" % (node.name, key, v))
+        out.append([int(e) for e in v])
+    return out
+
+
+def conv2d_ref(x, w, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1):
+    """torch.nn.functional.conv2d: x (N, C, H, W), w (O, C/groups, kh, kw): one strided window
+    of the zero-padded input per kernel tap, contracted over the group's channels."""
+    n, c, h, wd = x.shape
+    o, cg, kh, kw = w.shape
+    (sy, sx), (py, px), (dy, dx) = stride, padding, dilation
+    ho = (h + 2 * py - dy * (kh - 1) - 1) // sy + 1
+    wo = (wd + 2 * px - dx * (kw - 1) - 1) // sx + 1
+    xp = np.pad(x, ((0, 0), (0, 0), (py, py), (px, px)))
+    y = np.zeros((n, o, ho, wo), dtype=np.result_type(x, w))
+    og = o // groups
+    for g in range(groups):
+        xg, wg = xp[:, g * cg:(g + 1) * cg], w[g * og:(g + 1) * og]
+        for ky in range(kh):
+            for kx in range(kw):
+                win = xg[:, :, ky * dy:ky * dy + sy * (ho - 1) + 1:sy,
+                         kx * dx:kx * dx + sx * (wo - 1) + 1:sx]
+                y[:, g * og:(g + 1) * og] += np.einsum("nchw,oc->nohw", win, wg[:, :, ky, kx])
+    if bias is not None:
+        y = y + bias[None, :, None, None]
+    return y
+
+
+def conv_transpose2d_ref(x, w, bias=None, stride=(1, 1), padding=(0, 0), output_padding=(0, 0),
+                         dilation=(1, 1), groups=1):
+    """torch.nn.functional.conv_transpose2d: x (N, C, H, W), w (C, O/groups, kh, kw): every input
+    pixel scattered through every tap onto an uncropped canvas, then the padding cropped off."""
+    n, c, h, wd = x.shape
+    _, ocg, kh, kw = w.shape
+    (sy, sx), (py, px), (oy, ox), (dy, dx) = stride, padding, output_padding, dilation
+    ho = (h - 1) * sy - 2 * py + dy * (kh - 1) + oy + 1
+    wo = (wd - 1) * sx - 2 * px + dx * (kw - 1) + ox + 1
+    cg, o = c // groups, ocg * groups
+    canvas = np.zeros((n, o, (h - 1) * sy + dy * (kh - 1) + 1 + oy,
+                       (wd - 1) * sx + dx * (kw - 1) + 1 + ox), dtype=np.result_type(x, w))
+    for g in range(groups):
+        xg, wg = x[:, g * cg:(g + 1) * cg], w[g * cg:(g + 1) * cg]
+        for ky in range(kh):
+            for kx in range(kw):
+                canvas[:, g * ocg:(g + 1) * ocg, ky * dy:ky * dy + sy * (h - 1) + 1:sy,
+                       kx * dx:kx * dx + sx * (wd - 1) + 1:sx] += np.einsum(
+                           "nchw,co->nohw", xg, wg[:, :, ky, kx])
+    y = canvas[:, :, py:py + ho, px:px + wo]
+    if bias is not None:
+        y = y + bias[None, :, None, None]
+    return y
+
+
+def _eval_conv2d(node, x, a, dt):
+    if not 2 <= len(x) <= 4 or x[0] is None or x[1] is None:
+        raise FormatError("node %r: conv2d takes x, weight, bias, residual" % node.name)
+    v, w = x[0], x[1]
+    b, res = (list(x[2:]) + [None, None])[:2]
+    groups = int(a.get("groups", 1))
+    stride, pad, dil = _conv_pairs(node, a, (("stride", 1), ("padding", 0), ("dilation", 1)))
+    if v.ndim != 4 or w.ndim != 4 or groups < 1 or w.shape[0] % groups or \
+            v.shape[1] != w.shape[1] * groups:
+        raise FormatError("node %r: x %s, weight %s, groups=%d" % (node.name, v.shape, w.shape,
+                                                                   groups))
+    if b is not None and b.shape != (w.shape[0],):
+        raise FormatError("node %r: bias %s for %d channels" % (node.name, b.shape, w.shape[0]))
+    for i in range(2):
+        if v.shape[2 + i] + 2 * pad[i] - dil[i] * (w.shape[2 + i] - 1) - 1 < 0:
+            raise FormatError("node %r: x %s gives an empty output" % (node.name, v.shape))
+    y = conv2d_ref(v, w, b, stride, pad, dil, groups)
+    act = int(a.get("activation", 0))
+    if act == 1:
+        y = np.maximum(y, 0)
+    elif act != 0:
+        raise FormatError("node %r: conv2d activation %r (0 or 1)" % (node.name, act))
+    if res is not None:
+        if res.shape != y.shape:
+            raise FormatError("node %r: residual %s, output %s" % (node.name, res.shape, y.shape))
+        y = y + res
+    return y.astype(dt)
+
+
+def _eval_conv_transpose2d(node, x, a, dt):
+    if not 2 <= len(x) <= 3 or x[0] is None or x[1] is None:
+        raise FormatError("node %r: conv_transpose2d takes x, weight, bias" % node.name)
+    v, w = x[0], x[1]
+    b = x[2] if len(x) > 2 else None
+    groups = int(a.get("groups", 1))
+    stride, pad, opad, dil = _conv_pairs(node, a, (("stride", 1), ("padding", 0),
+                                                   ("output_padding", 0), ("dilation", 1)))
+    if v.ndim != 4 or w.ndim != 4 or groups < 1 or w.shape[0] % groups or v.shape[1] != w.shape[0]:
+        raise FormatError("node %r: x %s, weight %s, groups=%d" % (node.name, v.shape, w.shape,
+                                                                   groups))
+    o = w.shape[1] * groups
+    if b is not None and b.shape != (o,):
+        raise FormatError("node %r: bias %s for %d channels" % (node.name, b.shape, o))
+    for i in range(2):
+        if opad[i] and opad[i] >= stride[i] and opad[i] >= dil[i]:
+            raise FormatError("node %r: output_padding %s" % (node.name, opad))
+        if (v.shape[2 + i] - 1) * stride[i] - 2 * pad[i] + dil[i] * (w.shape[2 + i] - 1) + \
+                opad[i] + 1 < 1:
+            raise FormatError("node %r: x %s gives an empty output" % (node.name, v.shape))
+    return conv_transpose2d_ref(v, w, b, stride, pad, opad, dil, groups).astype(dt)
+
+
+_EXTRA_OPS.update({"conv2d": _eval_conv2d, "conv_transpose2d": _eval_conv_transpose2d})
+
+
+# -- dense-head ops: resize_bilinear, adaptive_avg_pool2d, batchnorm, concat, permute, argmax ------
+
+def _bilinear_taps(n, m, align_corners, scale):
+    """ATen's upsample_bilinear2d along one axis of n inputs and m outputs: index pairs and the
+    second index's weight, with the source coordinates in float32 as ATen computes them."""
+    o = np.arange(m)
+    if n == m:  # ATen copies: same size is the identity
+        return o, o, np.zeros(m, np.float32)
+    f32 = np.float32
+    if align_corners:
+        ratio = f32(n - 1) / f32(m - 1) if m > 1 else f32(0)
+        src = ratio * o.astype(f32)
+    else:
+        ratio = f32(1.0 / scale) if scale else f32(n) / f32(m)
+        src = np.maximum(ratio * (o.astype(f32) + f32(0.5)) - f32(0.5), f32(0))
+    i0 = np.minimum(np.floor(src).astype(np.int64), n - 1)
+    l1 = np.clip(src - i0.astype(f32), f32(0), f32(1)).astype(f32)
+    return i0, np.minimum(i0 + 1, n - 1), l1
+
+
+def resize_bilinear_ref(x, size=None, scale=None, align_corners=False):
+    """Bilinear resize of x (N, C, H, W) as F.interpolate(mode='bilinear') with size or
+    scale_factor (recompute_scale_factor unset): a zero weight drops its tap, so integral source
+    coordinates copy exactly (ATen's 0 * inf would give NaN there)."""
+    h, w = x.shape[2:]
+    if size is not None:
+        ho, wo = size
+        sh = sw = None
+    else:
+        sh, sw = scale
+        ho, wo = int(math.floor(h * sh)), int(math.floor(w * sw))
+    r0, r1, lh = _bilinear_taps(h, ho, align_corners, sh)
+    c0, c1, lw = _bilinear_taps(w, wo, align_corners, sw)
+    lh = lh.astype(x.dtype)[:, None]
+    lw = lw.astype(x.dtype)[None, :]
+    one = x.dtype.type(1)
+
+    def row(r):
+        a, b = x[:, :, r][..., c0], x[:, :, r][..., c1]
+        return np.where(lw == 0, a, a * (one - lw) + b * lw)
+
+    t0, t1 = row(r0), row(r1)
+    return np.where(lh == 0, t0, t0 * (one - lh) + t1 * lh)
+
+
+def adaptive_avg_pool2d_ref(x, size):
+    h, w = x.shape[2:]
+    ho, wo = size
+    y = np.empty(x.shape[:2] + (ho, wo), x.dtype)
+    for i in range(ho):
+        r0, r1 = i * h // ho, -((-(i + 1) * h) // ho)
+        for j in range(wo):
+            c0, c1 = j * w // wo, -((-(j + 1) * w) // wo)
+            y[:, :, i, j] = x[:, :, r0:r1, c0:c1].mean(axis=(2, 3))
+    return y
+
+
+def batchnorm_ref(x, mean, var, weight=None, bias=None, eps=1e-5):
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    y = (x - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + eps)
+    if weight is not None:
+        y = y * weight.reshape(shape)
+    if bias is not None:
+        y = y + bias.reshape(shape)
+    return y
+
+
+def argmax_ref(x, axis=1):
+    """int32 argmax: NumPy's, like PyTorch's, returns the first NaN, else the first maximum."""
+    return np.argmax(x, axis=axis).astype(np.int32)
+
+
+def _eval_resize_bilinear(node, x, a, dt):
+    if len(x) != 1 or x[0] is None or x[0].ndim != 4:
+        raise FormatError("node %r: resize_bilinear takes x (N, C, H, W)" % node.name)
+    if ("size" in a) == ("scale" in a):
+        raise FormatError("node %r: resize_bilinear needs exactly one of size, scale" % node.name)
+    v = x[0]
+    if min(v.shape[2:]) < 1:
+        raise FormatError("node %r: input %s has an empty plane" % (node.name, v.shape))
+    size = [int(s) for s in a["size"]] if "size" in a else None
+    scale = [float(s) for s in a["scale"]] if "scale" in a else None
+    if scale is not None and min(math.floor(d * s) for d, s in zip(v.shape[2:], scale)) < 1:
+        raise FormatError("node %r: scale %s takes %s to an empty plane"
+                          % (node.name, scale, v.shape))
+    return resize_bilinear_ref(v, size, scale, bool(a.get("align_corners", 0))).astype(dt)
+
+
+def _eval_adaptive_avg_pool2d(node, x, a, dt):
+    if len(x) != 1 or x[0] is None or x[0].ndim != 4 or "size" not in a or min(x[0].shape[2:]) < 1:
+        raise FormatError("node %r: adaptive_avg_pool2d takes x (N, C, H >= 1, W >= 1) and size"
+                          % node.name)
+    return adaptive_avg_pool2d_ref(x[0], [int(s) for s in a["size"]]).astype(dt)
+
+
+def _eval_batchnorm(node, x, a, dt):
+    if not 3 <= len(x) <= 5 or any(v is None for v in x[:3]) or "eps" not in a:
+        raise FormatError("node %r: batchnorm takes x, mean, var[, weight, bias] and eps"
+                          % node.name)
+    v, p = x[0], list(x[1:]) + [None] * (5 - len(x))
+    if v.ndim < 2 or any(t is not None and t.shape != (v.shape[1],) for t in p):
+        raise FormatError("node %r: x %s with statistics %s"
+                          % (node.name, v.shape, [None if t is None else t.shape for t in p]))
+    return batchnorm_ref(v, p[0], p[1], p[2], p[3], float(a["eps"])).astype(dt)
+
+
+def _eval_concat(node, x, a, dt):
+    if not 2 <= len(x) <= 8 or any(v is None for v in x) or "axis" not in a:
+        raise FormatError("node %r: concat takes 2 to 8 inputs and axis" % node.name)
+    try:
+        return np.concatenate(x, axis=int(a["axis"])).astype(dt)
+    except (ValueError, np.AxisError) as e:
+        raise FormatError("node %r: %s" % (node.name, e)) from None
+
+
+def _eval_permute(node, x, a, dt):
+    if len(x) != 1 or x[0] is None or "perm" not in a:
+        raise FormatError("node %r: permute takes x and perm" % node.name)
+    perm = [int(p) for p in a["perm"]]
+    if sorted(perm) != list(range(x[0].ndim)):
+        raise FormatError("node %r: perm %s for rank %d" % (node.name, perm, x[0].ndim))
+    return np.ascontiguousarray(np.transpose(x[0], perm)).astype(dt)
+
+
+def _eval_argmax(node, x, a, dt):
+    if len(x) != 1 or x[0] is None:
+        raise FormatError("node %r: argmax takes x" % node.name)
+    v, axis = x[0], int(a.get("axis", 1))
+    if not -v.ndim <= axis < v.ndim or v.shape[axis] == 0:
+        raise FormatError("node %r: argmax over axis %d of %s" % (node.name, axis, v.shape))
+    return argmax_ref(v, axis)
+
+
+_EXTRA_OPS.update({"resize_bilinear": _eval_resize_bilinear,
+                   "adaptive_avg_pool2d": _eval_adaptive_avg_pool2d, "batchnorm": _eval_batchnorm,
+                   "concat": _eval_concat, "permute": _eval_permute, "argmax": _eval_argmax})

@@ -36,15 +36,16 @@ Written from shared/docs/model-spec.md §3 and the seed design of `moe_transform
 - `python3 -m vkg transfuser-decoder` (run_export): checkpoints (.pt/.pth state_dict or
   .safetensors) or `--random SEED`.
 
-Graph, per layer l (p = layers.l): the memory K/V projections of every layer first
-(`p.multihead_attn.k_proj`, `.v_proj`: linear on memory); then
+Graph: first one linear `memory_kv_proj` on memory holding every layer's K and V (columns
+[2 l D, 2 l D + D) and the next D for layer l); then, per layer l (p = layers.l):
   linear p.self_attn.in_proj (packed q,k,v) -> attention (packed) -> linear p.self_attn.out_proj
-  (residual = x) -> layernorm p.norm1 -> linear p.multihead_attn.q_proj -> attention (q, k_l, v_l)
+  (residual = x) -> layernorm p.norm1 -> linear p.multihead_attn.q_proj -> attention (q, memory_kv_proj with k_col, v_col)
   -> linear p.multihead_attn.out_proj (residual = x) -> layernorm p.norm2 ->
   moe_router p.moe.router (k, temperature, statistics) -> moe_experts p.moe.experts (residual = x)
   -> layernorm p.norm3;
-then the statistics: add over layers, mul by the coefficients (constants) and by 1/L for the
-fraction (each layer routes the same B*Q*k pairs, so counts / sum(counts) = mean_l fraction_l).
+then the statistics: add_n over the layers with the coefficients (and 1/L for the fraction) as
+its scale, and one add for moe_aux_loss (each layer routes the same B*Q*k pairs, so
+counts / sum(counts) = mean_l fraction_l).
 """
 
 import math
@@ -428,16 +429,27 @@ def convert_decoder(b, model, tgt, memory, path="", fp16=False, layer_stats=Fals
             if isinstance(t.shape[2], int) and t.shape[2] != d:
                 raise ExportError("%s: %s has D=%d, the layer has d_model %d"
                                   % (where, what, t.shape[2], d))
+    # One projection for every layer's memory K and V: memory does not change across layers, so
+    # one (N*S, D) x (D, 2*D*L) matmul replaces 2*L small ones (a dispatch and a barrier each);
+    # layer l's attention reads K and V as column windows [2 l D, (2 l + 1) D) and the next D.
+    ws, bs, any_bias = [], [], False
     for (layer, kind), pre in zip(layers, prefixes):
         mha, d = layer.multihead_attn, layer.multihead_attn.embed_dim
-        q_pre = _p(pre, "multihead_attn")
-        w, bias = mha.in_proj_weight, mha.in_proj_bias
-        kv.append([b.linear(memory, const(_p(q_pre, nm + "_proj.weight"), w[i * d:(i + 1) * d],
-                                          wdt),
-                            None if bias is None else const(_p(q_pre, nm + "_proj.bias"),
-                                                            bias[i * d:(i + 1) * d]),
-                            name=_p(q_pre, nm + "_proj"))
-                   for i, nm in ((1, "k"), (2, "v"))])
+        ws.append(moe._np(mha.in_proj_weight)[d:3 * d])
+        if mha.in_proj_bias is not None:
+            any_bias = True
+            bs.append(moe._np(mha.in_proj_bias)[d:3 * d])
+        else:
+            bs.append(np.zeros(2 * d, dtype=np.float32))
+    kv_pre = _p(path, "memory_kv_proj")
+    kv_all = b.linear(memory, const(kv_pre + ".weight", np.concatenate(ws), wdt),
+                      const(kv_pre + ".bias", np.concatenate(bs)) if any_bias else None,
+                      name=kv_pre)
+    col = 0
+    for (layer, kind), pre in zip(layers, prefixes):
+        d = layer.multihead_attn.embed_dim
+        kv.append((col, col + d))
+        col += 2 * d
 
     def ln(x, norm, name):
         return b.layernorm(x, const(name + ".weight", norm.weight), const(name + ".bias",
@@ -452,7 +464,7 @@ def convert_decoder(b, model, tgt, memory, path="", fp16=False, layer_stats=Fals
 
     x = tgt
     per_layer = []
-    for (layer, kind), pre, (k_l, v_l) in zip(layers, prefixes, kv):
+    for (layer, kind), pre, (k_col, v_col) in zip(layers, prefixes, kv):
         norm_first = bool(getattr(layer, "norm_first", False))
         # self-attention: one packed projection, packed attention, out_proj + residual
         sa, sp = layer.self_attn, _p(pre, "self_attn")
@@ -471,7 +483,8 @@ def convert_decoder(b, model, tgt, memory, path="", fp16=False, layer_stats=Fals
         q = b.linear(h, const(cp + ".q_proj.weight", ca.in_proj_weight[:d], wdt),
                      None if ca.in_proj_bias is None else
                      const(cp + ".q_proj.bias", ca.in_proj_bias[:d]), name=cp + ".q_proj")
-        a = b.attention(q, k_l, v_l, ca.num_heads, name=cp + ".attention")
+        a = b.attention(q, kv_all, kv_all, ca.num_heads, k_col=k_col, v_col=v_col,
+                        name=cp + ".attention")
         x = out_proj(a, ca, cp, x)
         if not norm_first:
             x = ln(x, layer.norm2, _p(pre, "norm2"))
@@ -522,28 +535,42 @@ def convert_decoder(b, model, tgt, memory, path="", fp16=False, layer_stats=Fals
 
 
 def _sum_stats(b, per_layer, path):
-    """The five decoder statistics from each layer's router statistics (add, mul, constants)."""
+    """The five decoder statistics from each layer's router statistics: add_n over the layers
+    with the coefficients (and 1/L for the fraction) as its scale, one dispatch each."""
     cfg = per_layer[0][0].config if hasattr(per_layer[0][0], "config") else MoEConfig()
     n = len(per_layer)
 
-    def total(stat):
-        t = per_layer[0][1][stat]
-        for i, (_, s) in enumerate(per_layer[1:], 1):
-            t = b.add(t, s[stat], name=_p(path, "stats.%s_sum%d" % (stat, i)))
+    def total(stat, name, scale=None):
+        ts = [s[stat] for _, s in per_layer]
+        if n == 1:
+            if scale is None:
+                return ts[0]
+            return b.mul(ts[0], moe._const(b, _p(path, name + ".scale"),
+                                           np.array([scale], dtype=np.float64)),
+                         name=_p(path, "stats." + name))
+        out = []
+        for i in range(0, n, 8):    # add_n sums at most 8 tensors
+            out.append(b.add_n(ts[i:i + 8], scale=scale if n <= 8 else None,
+                               name=_p(path, "stats.%s%s" % (name, "" if n <= 8 else i // 8))))
+        if len(out) > 1:
+            return total_of(out, name, scale)
+        return out[0]
+
+    def total_of(parts, name, scale):
+        t = parts[0]
+        for i, p in enumerate(parts[1:], 1):
+            t = b.add(t, p, name=_p(path, "stats.%s_sum%d" % (name, i)))
+        if scale is not None:
+            t = b.mul(t, moe._const(b, _p(path, name + ".scale"),
+                                    np.array([scale], dtype=np.float64)),
+                      name=_p(path, "stats." + name))
         return t
 
-    def scalar(name, v):
-        return moe._const(b, _p(path, name), np.array([v], dtype=np.float64))
-
-    lb = b.mul(total("load_balance"), scalar("load_balance_coef", cfg.load_balance_coef),
-               name=_p(path, "stats.moe_load_balance_loss"))
-    zl = b.mul(total("z_loss"), scalar("router_z_loss_coef", cfg.router_z_loss_coef),
-               name=_p(path, "stats.moe_router_z_loss"))
+    lb = total("load_balance", "moe_load_balance_loss", cfg.load_balance_coef)
+    zl = total("z_loss", "moe_router_z_loss", cfg.router_z_loss_coef)
     aux = b.add(lb, zl, name=_p(path, "stats.moe_aux_loss"))
-    counts = total("counts")
-    frac = total("fraction")
-    if n > 1:
-        frac = b.mul(frac, scalar("inv_layers", 1.0 / n), name=_p(path, "stats.moe_usage_fraction"))
+    counts = total("counts", "moe_usage_counts")
+    frac = total("fraction", "moe_usage_fraction", 1.0 / n if n > 1 else None)
     return OrderedDict([("moe_aux_loss", aux), ("moe_router_z_loss", zl),
                         ("moe_load_balance_loss", lb), ("moe_usage_counts", counts),
                         ("moe_usage_fraction", frac)])
