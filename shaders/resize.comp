@@ -4,8 +4,7 @@
 // pooling (adaptive_avg_pool2d). One invocation writes RUN consecutive outputs of one row, so the
 // row's source coordinates and the (plane, row) decode are paid once per run; stores are the
 // expensive part on lavapipe, and a run keeps them contiguous. The input is read through a texel
-// buffer (VKG_DENSE_TEXEL) or a storage buffer. The source coordinates are `precise`: contracting
-// ratio * (o + 0.5) - 0.5 into an fma would move floor() at integral points away from ATen's.
+// buffer (VKG_DENSE_TEXEL) or a storage buffer.
 #include "common.glsl"
 
 layout(local_size_x_id = 0) in;
@@ -29,20 +28,36 @@ layout(push_constant) uniform P {
 } pc;
 
 #ifndef VKG_RESIZE_AREA
-// Source index pair and the weight of the second one along an axis of n inputs.
-void taps(uint o, float ratio, bool align, uint n, out uint i0, out uint i1, out float l1)
+// Source index pair and the weight of the second one along an axis of n inputs. ATen (1.13, CPU)
+// rounds the ratio to float but forms the source coordinate in double and the weight from it. Here
+// the product ratio * t is kept exact as p + e (Dekker's two-product with Veltkamp's split: plain
+// `precise` float operations, since fma() may be unfused on some drivers), so the weight is the
+// exact fraction rounded once, as ATen's.
+void split(float a, out float hi, out float lo)
 {
-    precise float src = ratio * float(o);
-    if (!align) {
-        precise float c = ratio * (float(o) + 0.5) - 0.5;
-        src = max(c, 0.0);
-    }
-    i0 = min(uint(floor(src)), n - 1u);
-    precise float d = src - float(i0);
-    l1 = clamp(d, 0.0, 1.0);
-    i1 = i0 < n - 1u ? i0 + 1u : i0;
+    precise float c = 4097.0 * a;
+    precise float h = c - (c - a);
+    hi = h;
+    lo = a - h;
 }
 
+void taps(uint o, float ratio, bool align, uint n, out uint i0, out uint i1, out float l1)
+{
+    float t = align ? float(o) : float(o) + 0.5;
+    precise float p = ratio * t;
+    float rh, rl, th, tl;
+    split(ratio, rh, rl);
+    split(t, th, tl);
+    precise float e = (((rh * th - p) + rh * tl) + rl * th) + rl * tl;
+    precise float q = align ? p : p - 0.5;   // exact: p < 2^23
+    float f = floor(q);
+    precise float l = (q - f) + e;
+    if (l < 0.0) { f -= 1.0; l += 1.0; }     // q integral, the exact coordinate just below it
+    if (!align && f < 0.0) { f = 0.0; l = 0.0; } // ATen clamps the coordinate at 0
+    i0 = min(uint(f), n - 1u);
+    l1 = clamp(l, 0.0, 1.0);
+    i1 = i0 < n - 1u ? i0 + 1u : i0;
+}
 // (1 - l) a + l b as ATen evaluates it; l = 0 is an exact copy of a.
 float lerp2(float a, float b, float l)
 {

@@ -11,18 +11,16 @@ static void taps(uint32_t o, uint32_t n, uint32_t m, int ac, double scale, uint3
         *l1 = 0.0f;
         return;
     }
-    float ratio, src;
+    /* ATen 1.13 (CPU): a float ratio, the source coordinate in double (exact here: a float times
+     * an integer below 2^29), the weight rounded to float from it. */
+    float ratio;
     if (ac) ratio = m > 1 ? (float)(n - 1) / (float)(m - 1) : 0.0f;
     else ratio = scale > 0.0 ? (float)(1.0 / scale) : (float)n / (float)m;
-    if (ac) {
-        src = ratio * (float)o;
-    } else {
-        src = ratio * ((float)o + 0.5f) - 0.5f;
-        if (src < 0.0f) src = 0.0f;
-    }
-    int64_t f = (int64_t)floorf(src);
+    double src = ac ? (double)ratio * o : (double)ratio * (o + 0.5) - 0.5;
+    if (src < 0.0) src = 0.0;
+    int64_t f = (int64_t)floor(src);
     *i0 = (uint32_t)(f < (int64_t)n - 1 ? f : (int64_t)n - 1);
-    float l = src - (float)*i0;
+    float l = (float)(src - (double)*i0);
     *l1 = l < 0.0f ? 0.0f : l > 1.0f ? 1.0f : l;
     *i1 = *i0 < n - 1 ? *i0 + 1 : *i0;
 }

@@ -67,10 +67,6 @@ class DepthSegRun(unittest.TestCase):
         self.check((224, 224), "pyramid", seed=4)
 
     def test_vits14_518(self):
-        # Fails today by 7%: depth max err 1.07e-4 x RMS (bound 1e-4). vkg's resize_bilinear forms
-        # source coordinates in float32; ATen 1.13's CPU kernel forms them in double from a float32
-        # ratio (measured: that form matches F.interpolate to 5e-7 at 296 -> 518). Not in ctest
-        # until resize_bilinear does the same (tests/CMakeLists.txt).
         self.check((518, 518), "pyramid", seed=1)
 
     def test_vits14_224x168_flat_batch2(self):

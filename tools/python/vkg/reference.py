@@ -712,19 +712,20 @@ _EXTRA_OPS.update({"conv2d": _eval_conv2d, "conv_transpose2d": _eval_conv_transp
 
 def _bilinear_taps(n, m, align_corners, scale):
     """ATen's upsample_bilinear2d along one axis of n inputs and m outputs: index pairs and the
-    second index's weight, with the source coordinates in float32 as ATen computes them."""
+    second index's weight. As ATen 1.13 on the CPU: the ratio in float32, the source coordinate
+    in float64 from it, the weight rounded to float32."""
     o = np.arange(m)
     if n == m:  # ATen copies: same size is the identity
         return o, o, np.zeros(m, np.float32)
     f32 = np.float32
     if align_corners:
         ratio = f32(n - 1) / f32(m - 1) if m > 1 else f32(0)
-        src = ratio * o.astype(f32)
+        src = np.float64(ratio) * o
     else:
         ratio = f32(1.0 / scale) if scale else f32(n) / f32(m)
-        src = np.maximum(ratio * (o.astype(f32) + f32(0.5)) - f32(0.5), f32(0))
+        src = np.maximum(np.float64(ratio) * (o + 0.5) - 0.5, 0.0)
     i0 = np.minimum(np.floor(src).astype(np.int64), n - 1)
-    l1 = np.clip(src - i0.astype(f32), f32(0), f32(1)).astype(f32)
+    l1 = np.clip(src - i0, 0, 1).astype(f32)
     return i0, np.minimum(i0 + 1, n - 1), l1
 
 
