@@ -174,10 +174,7 @@ vkg_status vkg_moe_router_record(const vkg_op_call *c)
         else st[i] = (vkg_tref){s.buf, dump};
         dump += (sizes[i] * 4 + 15) / 16 * 16;
     }
-    vkg_moe_stats_args ta = {.logits = logits, .ids = c->out[0]->ref, .lse = lse, .counts = st[0], .fraction = st[1],
-                             .mean_score = st[2], .load_balance = st[3], .z_loss = st[4], .T = (uint32_t)T, .C = C,
-                             .first = first, .k = k, .sigmoid = sigmoid, .temperature = temp};
-    return vkg_moe_route(c->cmd, &sa, &ta);
+    return vkg_moe_route(c->cmd, &sa, st);
 }
 
 /* ---- moe_experts ---- */

@@ -209,6 +209,21 @@ static VkDeviceSize bind_alignment(const vkg_context *ctx)
     return a;
 }
 
+/* The test graph, built in memory (build) and loaded; exits on failure. */
+static vkg_model *load_model(vkg_context *ctx, params *p)
+{
+    size_t size;
+    void *bytes = build(p, &size);
+    vkg_model *m = NULL;
+    vkg_status st = vkg_model_load_memory(ctx, bytes, size, &m);
+    free(bytes);
+    if (st != VKG_SUCCESS) {
+        fprintf(stderr, "FAIL: loading the test graph: %s\n", vkg_last_error());
+        exit(1);
+    }
+    return m;
+}
+
 static const VkBufferUsageFlags BIND_USAGE = VK_BUFFER_USAGE_STORAGE_BUFFER_BIT | VK_BUFFER_USAGE_UNIFORM_TEXEL_BUFFER_BIT;
 
 /* ---- record: the application's command buffer holds its producer copy, vkg's run and its
@@ -219,11 +234,7 @@ static int test_record(void)
     app a;
     if (app_init(&a, ctx)) return 1;
     params p;
-    size_t size;
-    void *bytes = build(&p, &size);
-    vkg_model *m;
-    OK(vkg_model_load_memory(ctx, bytes, size, &m));
-    free(bytes);
+    vkg_model *m = load_model(ctx, &p);
     vkg_session *s;
     OK(vkg_session_create(m, NULL, &s));
     VkDeviceSize al = bind_alignment(ctx);
@@ -325,11 +336,7 @@ static int test_submit(void)
     const char *dis = getenv("VKG_DISABLE_TIMELINE");
     bool forced_fence = dis && *dis && strcmp(dis, "0") != 0;
     params p;
-    size_t size;
-    void *bytes = build(&p, &size);
-    vkg_model *m;
-    OK(vkg_model_load_memory(ctx, bytes, size, &m));
-    free(bytes);
+    vkg_model *m = load_model(ctx, &p);
     vkg_session *s[2];
     abuf yout[2], readback;
     VkSemaphore done[2];
@@ -453,11 +460,7 @@ static int test_bind_errors(void)
     app a;
     if (app_init(&a, ctx)) return 1;
     params p;
-    size_t size;
-    void *bytes = build(&p, &size);
-    vkg_model *m;
-    OK(vkg_model_load_memory(ctx, bytes, size, &m));
-    free(bytes);
+    vkg_model *m = load_model(ctx, &p);
     vkg_session *s;
     OK(vkg_session_create(m, NULL, &s));
     VkDeviceSize al = bind_alignment(ctx);
@@ -543,11 +546,7 @@ static int adopt_run(vkg_context_desc *cd, bool timeline)
     app a;
     if (app_init(&a, ctx)) return 1;
     params p;
-    size_t size;
-    void *bytes = build(&p, &size);
-    vkg_model *m;
-    OK(vkg_model_load_memory(ctx, bytes, size, &m));
-    free(bytes);
+    vkg_model *m = load_model(ctx, &p);
     vkg_session *s;
     OK(vkg_session_create(m, NULL, &s));
     CHECK((vkg_session_timeline(s) != VK_NULL_HANDLE) == timeline, "completion object follows the bit");

@@ -85,23 +85,22 @@ vkg_status vkg_moe_stats(vkg_cmd *cmd, const vkg_moe_stats_args *a)
     return vkg_cmd_dispatch(cmd, p, b, &pc, 1, 1, 1, "moe_stats");
 }
 
-vkg_status vkg_moe_route(vkg_cmd *cmd, const vkg_moe_select_args *s, const vkg_moe_stats_args *t)
+vkg_status vkg_moe_route(vkg_cmd *cmd, const vkg_moe_select_args *s, const vkg_tref stats[5])
 {
     if (s->T > VKG_MOE_ROUTE1_TOKENS || s->T == 0) {
         VKG_TRY(vkg_moe_select(cmd, s));
-        return vkg_moe_stats(cmd, t);
+        vkg_moe_stats_args t = {.logits = s->logits, .ids = s->ids, .lse = s->lse, .counts = stats[0],
+                                .fraction = stats[1], .mean_score = stats[2], .load_balance = stats[3],
+                                .z_loss = stats[4], .T = s->T, .C = s->C, .first = s->first, .k = s->k,
+                                .sigmoid = s->sigmoid, .temperature = s->temperature};
+        return vkg_moe_stats(cmd, &t);
     }
-    if (t->T != s->T || t->C != s->C || t->first != s->first || t->k != s->k || t->sigmoid != s->sigmoid ||
-        t->temperature != s->temperature || t->logits.buf != s->logits.buf || t->logits.offset != s->logits.offset ||
-        t->ids.buf != s->ids.buf || t->ids.offset != s->ids.offset || t->lse.buf != s->lse.buf ||
-        t->lse.offset != s->lse.offset)
-        return vkg_fail(VKG_ERROR_INVALID_ARGUMENT, "moe_route: the statistics must describe the selection's routing");
     vkg_context *ctx = vkg_cmd_context(cmd);
     float temp = s->temperature ? s->temperature : 1.0f;
     VKG_TRY(route_check(s->C, s->first, s->k, temp));
-    const vkg_tref *r[9] = {&s->logits, &s->ids, &s->gates, &s->lse, &t->counts, &t->fraction, &t->mean_score,
-                            &t->load_balance, &t->z_loss};
-    for (int i = 0; i < 9; i++) VKG_TRY(need(*r[i], "a routing buffer", "moe_route"));
+    const vkg_tref *r[4] = {&s->logits, &s->ids, &s->gates, &s->lse};
+    for (int i = 0; i < 4; i++) VKG_TRY(need(*r[i], "a routing buffer", "moe_route"));
+    for (int i = 0; i < 5; i++) VKG_TRY(need(stats[i], "a statistics buffer", "moe_route"));
     route_push pc = {s->T, s->C, s->first, s->k,
                      (s->sigmoid ? 1u : 0u) | (s->gates_are_scores ? 2u : 0u) | (s->renorm ? 4u : 0u), 1.0f / temp,
                      s->scale ? s->scale : 1.0f, 0};
@@ -113,11 +112,11 @@ vkg_status vkg_moe_route(vkg_cmd *cmd, const vkg_moe_select_args *s, const vkg_m
                         {s->ids.buf, s->ids.offset, tk, 0, true},
                         {s->gates.buf, s->gates.offset, tk, 0, true},
                         {s->lse.buf, s->lse.offset, (VkDeviceSize)s->T * 4, 0, true},
-                        {t->counts.buf, t->counts.offset, E * 4, 0, true},
-                        {t->fraction.buf, t->fraction.offset, E * 4, 0, true},
-                        {t->mean_score.buf, t->mean_score.offset, (VkDeviceSize)s->C * 4, 0, true},
-                        {t->load_balance.buf, t->load_balance.offset, 4, 0, true},
-                        {t->z_loss.buf, t->z_loss.offset, 4, 0, true}};
+                        {stats[0].buf, stats[0].offset, E * 4, 0, true},
+                        {stats[1].buf, stats[1].offset, E * 4, 0, true},
+                        {stats[2].buf, stats[2].offset, (VkDeviceSize)s->C * 4, 0, true},
+                        {stats[3].buf, stats[3].offset, 4, 0, true},
+                        {stats[4].buf, stats[4].offset, 4, 0, true}};
     return vkg_cmd_dispatch(cmd, p, b, &pc, 1, 1, 1, "moe_route1");
 }
 

@@ -30,9 +30,10 @@ typedef struct vkg_moe_stats_args {
     float temperature;
 } vkg_moe_stats_args;
 vkg_status vkg_moe_stats(vkg_cmd *cmd, const vkg_moe_stats_args *a);
-/* vkg_moe_select then vkg_moe_stats on the same routing (t's logits, ids and lse are s's): one
- * dispatch (moe_route1) up to VKG_MOE_ROUTE1_TOKENS tokens, else the two kernels. */
-vkg_status vkg_moe_route(vkg_cmd *cmd, const vkg_moe_select_args *s, const vkg_moe_stats_args *t);
+/* vkg_moe_select, then the statistics of that routing into stats = counts, fraction, mean_score,
+ * load_balance, z_loss (as vkg_moe_stats_args): one dispatch (moe_route1) up to
+ * VKG_MOE_ROUTE1_TOKENS tokens, else the two kernels. */
+vkg_status vkg_moe_route(vkg_cmd *cmd, const vkg_moe_select_args *s, const vkg_tref stats[5]);
 
 /* Where one dispatch keeps its results; all inside one scratch range (vkg_moe_plan_layout). */
 typedef struct vkg_moe_plan {

@@ -275,7 +275,8 @@ class ExportTest(unittest.TestCase):
             ds.export_depth_seg(m.pretrained, (56, 56))
 
 
-@unittest.skipUnless(os.environ.get("VKG_SLOW_TESTS"), "set VKG_SLOW_TESTS=1 (about 3 minutes)")
+@unittest.skipUnless(os.environ.get("VKG_SLOW_TESTS"), "about 3 minutes: ctest runs it as its own "
+                     "test, python_depth_seg_spec_size (VKG_SLOW_TESTS=1)")
 class SpecSizeTest(unittest.TestCase):
     """The spec model (vits14, C = 150, pyramid head, random weights) at 224 and 518."""
 

@@ -309,6 +309,13 @@ class Graph(Case):
         m = decoder(12, cfg, **SMALL)
         self.check_graph(m, [data(203, 3, 5, 9, 64), data(204, 1, 5, 9, 64)], layer_stats=True)
 
+    def test_more_layers_than_one_add_n(self):
+        """17 layers: add_n sums at most 8 tensors, so the statistics go through partial sums."""
+        m = decoder(14, d_model=16, nhead=2, dim_feedforward=8, num_layers=17)
+        g = self.check_graph(m, [data(206, 2, 3, 4, 16)])
+        parts = [n for n in g.nodes if ".part" in n.name]
+        self.assertEqual(len(parts), 4 * 2)    # 17 = 8 + 8 + 1 for each of the four sums
+
     def test_single_layer_top1(self):
         m = decoder(13, tf.MoEConfig(num_experts=4, top_k=1), d_model=64, nhead=2,
                     dim_feedforward=32, num_layers=1)

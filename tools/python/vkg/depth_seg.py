@@ -408,27 +408,13 @@ def load_checkpoint(model, src, strict=True):
         collapse_expert_copies(sd)
     except MoECheckpointError as e:
         raise CheckpointError(str(e)) from None
-    own = model.state_dict()
-    missing = sorted(k for k in own if k not in sd and k not in _OPTIONAL)
-    unexpected = sorted(k for k in sd if k not in own)
-    shapes = sorted("%s: checkpoint %s, model %s" % (k, tuple(sd[k].shape), tuple(own[k].shape))
-                    for k in sd if k in own and tuple(sd[k].shape) != tuple(own[k].shape))
-    if (missing and strict) or unexpected or shapes:
-        msg = ["checkpoint does not fit DepthSegModel %s (%d blocks, %d experts, rank %d, %d "
-               "classes, %d x %d positional table):"
-               % (model.arch, model.pretrained.depth, model.n_experts, model.lora_rank,
-                  model.n_classes, model.img_size // PATCH, model.img_size // PATCH)]
-        if missing and strict:
-            msg.append("missing keys (%d): %s" % (len(missing), ", ".join(missing)))
-        if unexpected:
-            msg.append("unexpected keys (%d): %s" % (len(unexpected), ", ".join(unexpected)))
-        if shapes:
-            msg.append("shape mismatches (%d): %s" % (len(shapes), "; ".join(shapes)))
-        raise CheckpointError("\n  ".join(msg))
-    with torch.no_grad():
-        for k, v in sd.items():
-            own[k].copy_(v.to(own[k].dtype))
-    return missing
+    return dinov2.copy_checkpoint(
+        model.state_dict(), sd,
+        "checkpoint does not fit DepthSegModel %s (%d blocks, %d experts, rank %d, %d classes, "
+        "%d x %d positional table):" % (model.arch, model.pretrained.depth, model.n_experts,
+                                        model.lora_rank, model.n_classes,
+                                        model.img_size // PATCH, model.img_size // PATCH),
+        optional=_OPTIONAL, strict=strict, error=CheckpointError)
 
 
 _SPEC_DEFAULTS = dict(experts=8, top_k=2, lora_rank=8, lora_alpha=8)

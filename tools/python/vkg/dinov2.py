@@ -446,30 +446,38 @@ def to_official(sd, layout="auto"):
     raise ValueError("unknown checkpoint layout %r (auto, %s)" % (layout, ", ".join(LAYOUTS)))
 
 
-def load_state_dict_any(model, src, layout="auto"):
-    """Loads a checkpoint (path or dict; official, timm or HF layout, auto-detected) into model.
-    mask_token is optional (training only). Returns the layout name; raises CheckpointError
-    naming every missing, unexpected and mis-shaped key."""
-    sd, layout = to_official(read_checkpoint(src), layout)
-    own = model.state_dict()
-    optional = {"mask_token"}
+def copy_checkpoint(own, sd, header, optional=(), strict=True, rename=None, error=None):
+    """Copies sd into own (a module's state_dict) after checking the keys: raises error (default
+    CheckpointError) with header and every missing (unless strict is False), unexpected and
+    mis-shaped key; keys in optional may be missing. rename(k) gives the name to report for an
+    unexpected key. Returns the missing keys."""
     missing = sorted(k for k in own if k not in sd and k not in optional)
-    unexpected = sorted(k[3:] if k.startswith("hf:") else k for k in sd if k not in own)
+    unexpected = sorted((rename or str)(k) for k in sd if k not in own)
     shapes = sorted("%s: checkpoint %s, model %s" % (k, tuple(sd[k].shape), tuple(own[k].shape))
                     for k in sd if k in own and tuple(sd[k].shape) != tuple(own[k].shape))
-    if missing or unexpected or shapes:
-        msg = ["checkpoint (%s layout) does not fit DINOv2 %s with %d blocks:"
-               % (layout, model.arch, model.depth)]
-        if missing:
+    if (missing and strict) or unexpected or shapes:
+        msg = [header]
+        if missing and strict:
             msg.append("missing keys (%d): %s" % (len(missing), ", ".join(missing)))
         if unexpected:
             msg.append("unexpected keys (%d): %s" % (len(unexpected), ", ".join(unexpected)))
         if shapes:
             msg.append("shape mismatches (%d): %s" % (len(shapes), "; ".join(shapes)))
-        raise CheckpointError("\n  ".join(msg))
+        raise (error or CheckpointError)("\n  ".join(msg))
     with torch.no_grad():
         for k, v in sd.items():
             own[k].copy_(v.to(own[k].dtype))
+    return missing
+
+
+def load_state_dict_any(model, src, layout="auto"):
+    """Loads a checkpoint (path or dict; official, timm or HF layout, auto-detected) into model.
+    mask_token is optional (training only). Returns the layout name; raises CheckpointError
+    naming every missing, unexpected and mis-shaped key."""
+    sd, layout = to_official(read_checkpoint(src), layout)
+    copy_checkpoint(model.state_dict(), sd, "checkpoint (%s layout) does not fit DINOv2 %s with "
+                    "%d blocks:" % (layout, model.arch, model.depth), optional={"mask_token"},
+                    rename=lambda k: k[3:] if k.startswith("hf:") else k)
     return layout
 
 

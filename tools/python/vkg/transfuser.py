@@ -548,23 +548,13 @@ def _sum_stats(b, per_layer, path):
             return b.mul(ts[0], moe._const(b, _p(path, name + ".scale"),
                                            np.array([scale], dtype=np.float64)),
                          name=_p(path, "stats." + name))
-        out = []
-        for i in range(0, n, 8):    # add_n sums at most 8 tensors
-            out.append(b.add_n(ts[i:i + 8], scale=scale if n <= 8 else None,
-                               name=_p(path, "stats.%s%s" % (name, "" if n <= 8 else i // 8))))
-        if len(out) > 1:
-            return total_of(out, name, scale)
-        return out[0]
-
-    def total_of(parts, name, scale):
-        t = parts[0]
-        for i, p in enumerate(parts[1:], 1):
-            t = b.add(t, p, name=_p(path, "stats.%s_sum%d" % (name, i)))
-        if scale is not None:
-            t = b.mul(t, moe._const(b, _p(path, name + ".scale"),
-                                    np.array([scale], dtype=np.float64)),
-                      name=_p(path, "stats." + name))
-        return t
+        level = 0
+        while len(ts) > 8:      # add_n sums at most 8 tensors: partial sums first
+            ts = [ts[i] if i + 1 == len(ts) else
+                  b.add_n(ts[i:i + 8], name=_p(path, "stats.%s.part%d_%d" % (name, level, i // 8)))
+                  for i in range(0, len(ts), 8)]
+            level += 1
+        return b.add_n(ts, scale=scale, name=_p(path, "stats." + name))
 
     lb = total("load_balance", "moe_load_balance_loss", cfg.load_balance_coef)
     zl = total("z_loss", "moe_router_z_loss", cfg.router_z_loss_coef)

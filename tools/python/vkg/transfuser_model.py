@@ -106,19 +106,17 @@ def init_random(model, seed=0):
     different), the rest U(-1/sqrt(fan_in), 1/sqrt(fan_in)) and embeddings N(0, 1), drawn in
     named_parameters order from one generator. Returns model."""
     g = torch.Generator().manual_seed(int(seed))
+    params = dict(model.named_parameters())
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for name, p in params.items():
             if name.startswith("_tf_decoder."):
                 continue
             if "embedding" in name:
                 p.copy_(torch.randn(p.shape, generator=g))
             else:
-                fan_in = p.shape[1] if p.dim() > 1 else None
-                if fan_in is None:   # a bias: its layer's weight's fan-in
-                    w = dict(model.named_parameters())[name[:-len("bias")] + "weight"]
-                    fan_in = int(np.prod(w.shape[1:]))
-                else:
-                    fan_in = int(np.prod(p.shape[1:]))
+                # a bias takes its layer's weight's fan-in
+                w = params[name[:-len("bias")] + "weight"] if p.dim() == 1 else p
+                fan_in = int(np.prod(w.shape[1:]))
                 a = fan_in ** -0.5
                 p.copy_((torch.rand(p.shape, generator=g, dtype=torch.float64) * 2 - 1) * a)
     tf.init_random(model._tf_decoder, int(seed) + 1)
