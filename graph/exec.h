@@ -10,6 +10,10 @@ struct vkg_model {
     vkg_graph *g;
     vkg_buf *weights;            /* every constant, at (data - weights_base) */
     const uint8_t *weights_base; /* the first constant's bytes in the file image */
+    /* Constants holding an adapter's merged values (vkg_model_apply_adapter), restored from the
+     * file image on unload. Owned by the model. */
+    uint32_t *adapted;
+    uint32_t n_adapted;
 };
 
 struct vkg_session {

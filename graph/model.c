@@ -37,7 +37,8 @@ static vkg_status model_init(vkg_context *ctx, vkg_graph *g, vkg_model **out)
     }
     m->ctx = ctx;
     m->g = g;
-    vkg_status s = upload_constants(m);
+    vkg_status s = vkg_context_alive(ctx, "vkg_model_load");
+    if (s == VKG_SUCCESS) s = upload_constants(m);
     if (s == VKG_SUCCESS) s = vkg_context_check_validation(ctx);
     if (s != VKG_SUCCESS) {
         vkg_model_destroy(m);
@@ -69,6 +70,7 @@ void vkg_model_destroy(vkg_model *m)
 {
     if (!m) return;
     vkg_buf_destroy(m->weights);
+    free(m->adapted);
     vkg_graph_free(m->g);
     free(m);
 }

@@ -1,5 +1,6 @@
 /* The MoE ops: moe_router, moe_experts, moe_lora_mix (docs/graph-format.md, docs/moe.md). Each
  * expands into several dispatches with scratch memory the session plans like any intermediate. */
+#include <stdlib.h>
 #include <string.h>
 
 #include "graph/ops_moe.h"
@@ -272,6 +273,15 @@ double vkg_moe_experts_flops(const vkg_ir_node *n, const vkg_shape *const *in, c
     return 2.0 * P * hD * (attr_i(n, "activation", 0) == 3 ? 3.0 : 2.0);
 }
 
+/* VKG_MOE_FUSED_MLP=1 runs the expert MLP as one dispatch (moe_mlp) where it fits. It is off by
+ * default: on lavapipe it measured slower than the two grouped matmuls (bench/RESULTS.md, Transfuser
+ * section), which spread a small batch over more workgroups. */
+static bool fused_mlp_allowed(void)
+{
+    const char *e = getenv("VKG_MOE_FUSED_MLP");
+    return e && strcmp(e, "1") == 0;
+}
+
 vkg_status vkg_moe_experts_record(const vkg_op_call *c)
 {
     vkg_context *ctx = vkg_cmd_context(c->cmd);
@@ -288,6 +298,18 @@ vkg_status vkg_moe_experts_record(const vkg_op_call *c)
         return vkg_fail(VKG_ERROR_INVALID_ARGUMENT, "moe_experts: scratch of %llu bytes, %llu needed",
                         (unsigned long long)c->scratch_bytes, (unsigned long long)L.total);
     vkg_tref hidden = {c->scratch.buf, c->scratch.offset + L.hidden}, pair_out = {c->scratch.buf, c->scratch.offset + L.pair_out};
+    vkg_moe_combine_args cb = {.ids = in[EX_IDS]->ref, .rows = pair_out, .residual = in[EX_RES] ? in[EX_RES]->ref : (vkg_tref){0},
+                               .y = c->out[0]->ref, .D = D};
+    vkg_moe_mlp_args ma = {.x = in[EX_X]->ref, .w1 = in[EX_W1]->ref, .w1_dtype = in[EX_W1]->dtype,
+                           .b1 = in[EX_B1] ? in[EX_B1]->ref : (vkg_tref){0}, .w2 = in[EX_W2]->ref,
+                           .w2_dtype = in[EX_W2]->dtype, .b2 = in[EX_B2] ? in[EX_B2]->ref : (vkg_tref){0},
+                           .gates = in[EX_GATES]->ref, .y = pair_out, .D = D, .F = h, .act = (vkg_act)act};
+    if (fused_mlp_allowed() && vkg_moe_mlp_supported(ctx, &plan, &ma)) {
+        uint32_t grid[4] = {VKG_MOE_MLP_GRID_X, 0, 0, 0};
+        VKG_TRY(vkg_moe_dispatch(c->cmd, in[EX_IDS]->ref, &plan, grid));
+        VKG_TRY(vkg_moe_mlp(c->cmd, &plan, &ma));
+        return vkg_moe_combine(c->cmd, &plan, &cb);
+    }
     uint32_t grids[4] = {vkg_moe_gemm_grid_x(ctx, plan.variant, h, D), vkg_moe_gemm_grid_x(ctx, plan.variant, D, h), 0, 0};
     VKG_TRY(vkg_moe_dispatch(c->cmd, in[EX_IDS]->ref, &plan, grids));
     vkg_moe_gemm_args f1 = {.x = in[EX_X]->ref, .ldx = D, .gather = true, .w = in[EX_W1]->ref, .w_dtype = in[EX_W1]->dtype,
@@ -307,8 +329,6 @@ vkg_status vkg_moe_experts_record(const vkg_op_call *c)
                             .bias = in[EX_B2] ? in[EX_B2]->ref : (vkg_tref){0}, .gates = in[EX_GATES]->ref,
                             .y = pair_out, .n = D, .k = h, .grid = 1, .x_rows = plan.P};
     VKG_TRY(vkg_moe_gemm(c->cmd, &plan, &f2));
-    vkg_moe_combine_args cb = {.ids = in[EX_IDS]->ref, .rows = pair_out, .residual = in[EX_RES] ? in[EX_RES]->ref : (vkg_tref){0},
-                               .y = c->out[0]->ref, .D = D};
     return vkg_moe_combine(c->cmd, &plan, &cb);
 }
 

@@ -104,6 +104,45 @@ static int by_size_desc(const void *a, const void *b)
     return x->tensor < y->tensor ? -1 : 1; /* stable: plans are deterministic */
 }
 
+static uint64_t tensor_bytes(const vkg_session *s, uint32_t t)
+{
+    return vkg_shape_numel(&s->rt[t].shape) * vkg_dtype_size(s->model->g->tensors[t].dtype);
+}
+
+/* Inputs and outputs, and the intermediates they are views of, get buffers of their own. */
+static bool own_buffer(const vkg_session *s, const bool *pinned, uint32_t t)
+{
+    return pinned[t] && s->root[t] == t && s->model->g->tensors[t].role != VKG_ROLE_CONSTANT;
+}
+
+/* Allocates the pinned tensors' buffers and the arena, after checking that the context's budget
+ * can hold them all: a session that cannot fit fails before taking anything, saying what it needs. */
+static vkg_status allocate(vkg_session *s, const bool *pinned, bool arena)
+{
+    const vkg_graph *g = s->model->g;
+    vkg_context *ctx = s->model->ctx;
+    uint64_t io = 0, need;
+    for (uint32_t t = 0; t < g->n_tensors; t++)
+        if (own_buffer(s, pinned, t)) io += vkg_mem_footprint(ctx, tensor_bytes(s, t));
+    need = io + (arena ? vkg_mem_footprint(ctx, s->planned) : 0);
+    VkDeviceSize avail = vkg_mem_available(ctx);
+    vkg_status st = need > avail ? VKG_ERROR_OUT_OF_DEVICE_MEMORY : VKG_SUCCESS;
+    for (uint32_t t = 0; t < g->n_tensors && st == VKG_SUCCESS; t++)
+        if (own_buffer(s, pinned, t)) st = vkg_buf_create(ctx, tensor_bytes(s, t), &s->own[t]);
+    if (st == VKG_SUCCESS && arena) st = vkg_buf_create(ctx, s->planned, &s->arena);
+    if (st == VKG_ERROR_OUT_OF_DEVICE_MEMORY && ctx->budget) {
+        vkg_memory_stats ms;
+        vkg_context_memory_stats(ctx, &ms);
+        return vkg_fail(st, "%s: the session needs %llu bytes of device memory (activation arena %llu, inputs and "
+                        "outputs %llu); the context's budget of %llu bytes has %llu left (%llu held, %llu of it in use)",
+                        g->source, (unsigned long long)need, (unsigned long long)(need - io), (unsigned long long)io,
+                        (unsigned long long)ctx->budget, (unsigned long long)(avail == UINT64_MAX ? 0 : avail),
+                        (unsigned long long)ms.allocated, (unsigned long long)ms.used);
+    }
+    if (st != VKG_SUCCESS) return vkg_fail_prefix(st, "%s: session memory (%llu bytes)", g->source, (unsigned long long)need);
+    return VKG_SUCCESS;
+}
+
 /* Gives every tensor memory: constants in the model's weights buffer, inputs and outputs (and
  * whatever a view makes them share) in dedicated buffers, intermediates at offsets of one arena,
  * two tensors sharing bytes only when their lifetimes [producer, last reader] do not overlap. */
@@ -150,14 +189,7 @@ static vkg_status plan_memory(vkg_session *s)
         const vkg_ir_tensor *ti = &g->tensors[t];
         uint64_t bytes = vkg_shape_numel(&s->rt[t].shape) * vkg_dtype_size(ti->dtype);
         if (s->root[t] != t || ti->role == VKG_ROLE_CONSTANT) continue;
-        if (pinned[t]) {
-            st = vkg_buf_create(ctx, bytes, &s->own[t]);
-            if (st != VKG_SUCCESS) {
-                vkg_fail_prefix(st, "%s: tensor \"%s\"", g->source, ti->name);
-                goto done;
-            }
-            continue;
-        }
+        if (pinned[t]) continue; /* a buffer of its own, allocated below */
         s->unshared += bytes;
         lv[nl++] = (live){t, bytes, 0, first[t] == UINT32_MAX ? 0 : first[t], last[t]};
     }
@@ -187,13 +219,8 @@ static vkg_status plan_memory(vkg_session *s)
         lv[i].offset = off;
         s->planned = VKG_MAX(s->planned, off + lv[i].bytes);
     }
-    if (nl) {
-        st = vkg_buf_create(ctx, s->planned, &s->arena);
-        if (st != VKG_SUCCESS) {
-            vkg_fail_prefix(st, "%s: activation arena", g->source);
-            goto done;
-        }
-    }
+    st = allocate(s, pinned, nl > 0);
+    if (st != VKG_SUCCESS) goto done;
     for (uint32_t i = 0; i < nl; i++) {
         if (lv[i].tensor >= nt) s->scratch[lv[i].tensor - nt] = (vkg_tref){s->arena, lv[i].offset};
         else s->rt[lv[i].tensor].ref = (vkg_tref){s->arena, lv[i].offset};
@@ -318,6 +345,7 @@ vkg_status vkg_session_create(vkg_model *model, const vkg_session_desc *desc, vk
     s->scratch_bytes = calloc(model->g->n_nodes + 1, sizeof *s->scratch_bytes);
     vkg_status st = s->rt && s->root && s->own && s->bound && s->scratch && s->scratch_bytes
                         ? VKG_SUCCESS : vkg_fail(VKG_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+    if (st == VKG_SUCCESS) st = vkg_context_alive(model->ctx, "vkg_session_create");
     if (st == VKG_SUCCESS) st = infer_shapes(s, &d);
     if (st == VKG_SUCCESS) st = plan_memory(s);
     if (st == VKG_SUCCESS) st = record(s);
@@ -337,6 +365,9 @@ void vkg_session_destroy(vkg_session *s)
     VkDevice dev = s->model->ctx->device;
     /* A submitted run still uses the command buffer and memory: let it finish first. */
     if (s->pending) (void)vkg_session_wait(s, UINT64_MAX);
+    /* After a device loss nothing can be waited for any more: vkDeviceWaitIdle returns at once
+     * on a lost device, and everything may then be destroyed. */
+    if (atomic_load(&s->model->ctx->lost)) vkDeviceWaitIdle(dev);
     if (s->timeline) vkDestroySemaphore(dev, s->timeline, NULL);
     if (s->fence) vkDestroyFence(dev, s->fence, NULL);
     vkg_cmd_destroy(s->cmd);
@@ -452,6 +483,7 @@ vkg_status vkg_session_submit(vkg_session *s, const vkg_submit_desc *desc)
         if (!d.signal_semaphores[i])
             return vkg_fail(VKG_ERROR_INVALID_ARGUMENT, "vkg_session_submit: signal_semaphores[%u] is VK_NULL_HANDLE", i);
     vkg_context *ctx = s->model->ctx;
+    VKG_TRY(vkg_context_alive(ctx, "vkg_session_submit"));
     if ((d.wait_values || d.signal_values) && !ctx->info.timeline_semaphore)
         return vkg_fail(VKG_ERROR_UNSUPPORTED,
                         "vkg_session_submit: %s given, but the device has no timeline semaphores enabled for vkg "
@@ -478,9 +510,11 @@ vkg_status vkg_session_wait(vkg_session *s, uint64_t timeout_ns)
         VkSemaphoreWaitInfo wi = {.sType = VK_STRUCTURE_TYPE_SEMAPHORE_WAIT_INFO, .semaphoreCount = 1,
                                   .pSemaphores = &s->timeline, .pValues = &s->submitted};
         r = ctx->wait_semaphores(ctx->device, &wi, timeout_ns);
+        if (r == VK_SUCCESS) r = vkg_context_fault(ctx, VKG_FAULT_WAIT);
+        vkg_context_note(ctx, r);
         call = "vkWaitSemaphores";
     } else {
-        r = vkWaitForFences(ctx->device, 1, &s->fence, VK_TRUE, timeout_ns);
+        r = vkg_wait_fence(ctx, s->fence, timeout_ns);
         call = "vkWaitForFences";
     }
     if (r == VK_TIMEOUT)

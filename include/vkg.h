@@ -7,6 +7,10 @@
  *  - Description structs (*_desc) are zero-initialised by the caller; zero always means "default".
  *  - Handles are opaque. An object created by vkg_X_create is owned by the caller and released with
  *    vkg_X_destroy; destroy functions accept NULL.
+ *  - Threads (docs/EMBEDDING.md, "Threads"): a context and a model may be used from any number of
+ *    threads at once; a session from one thread at a time (one session per thread: weights are
+ *    shared, activations are per session). Destroy functions need every other call on that object,
+ *    and on objects made from it, to have returned. Errors are per thread.
  */
 #ifndef VKG_H
 #define VKG_H
@@ -147,6 +151,11 @@ typedef struct vkg_context_desc {
     const char *pipeline_cache_path;
     /* Bytes per device-memory block from which buffers are suballocated. 0: 64 MiB. */
     uint64_t block_size;
+    /* Most bytes of device memory the context may hold (weights, activations, inputs and outputs
+     * of every model and session; host-visible staging copies are not counted). 0: no limit. A load
+     * or session that would exceed it fails with VKG_ERROR_OUT_OF_DEVICE_MEMORY, and the message
+     * says how many bytes it needed and how many the budget had left. */
+    uint64_t memory_budget;
     /* Adopt a host application's Vulkan objects instead of creating them. Set instance, physical
      * device, device and queue (a queue of a family with compute); vkg never destroys them. */
     struct {
@@ -156,6 +165,13 @@ typedef struct vkg_context_desc {
         VkQueue queue;
         uint32_t queue_family_index;
         uint32_t enabled_features; /* VKG_FEATURE_* bits */
+        /* vkQueueSubmit needs the queue externally synchronized. If the application submits to this
+         * queue from other threads while vkg calls run, give a lock that its own submissions also
+         * take: vkg holds it around each of its vkQueueSubmit calls only (never while waiting).
+         * Both or neither; NULL: vkg uses a mutex of its own, which guards vkg's submissions only. */
+        void (*lock_queue)(void *user);
+        void (*unlock_queue)(void *user);
+        void *queue_lock_user;
     } external;
 } vkg_context_desc;
 
@@ -172,6 +188,15 @@ VKG_API vkg_status vkg_context_check_validation(vkg_context *ctx);
 
 /* Number of validation messages received over the context's lifetime. */
 VKG_API uint64_t vkg_context_validation_count(const vkg_context *ctx);
+
+/* Device memory of a context: what it holds in blocks (what the driver sees), what of that is in
+ * use by weights and sessions, and the budget (0: none). */
+typedef struct vkg_memory_stats {
+    uint64_t allocated;
+    uint64_t used;
+    uint64_t budget;
+} vkg_memory_stats;
+VKG_API vkg_status vkg_context_memory_stats(vkg_context *ctx, vkg_memory_stats *out);
 
 /* The Vulkan objects a context runs on: the adopted ones, or those vkg created (an application may
  * then create its own command pools, buffers and semaphores on that device, e.g. for
@@ -390,6 +415,42 @@ VKG_API uint32_t vkg_session_dispatch_count(const vkg_session *s);
 VKG_API uint32_t vkg_session_barrier_count(const vkg_session *s);
 /* After a profiled run: the i-th dispatch's node name, op and GPU time. */
 VKG_API vkg_status vkg_session_profile(const vkg_session *s, uint32_t i, const char **node, const char **op, double *ns);
+
+/* ---------------------------------------------------------------------------------------------- */
+/* LoRA adapters (PEFT files), merged into a loaded model's weights                               */
+
+/* A PEFT LoRA adapter read for one model: adapter_model.safetensors (lora_A (r, in) and lora_B
+ * (out, r) per module, keys "base_model.model.<module path>.lora_A[.<name>].weight") with
+ * adapter_config.json (r, lora_alpha, target_modules, use_rslora). Module paths resolve to the
+ * model's constants "<module path>.weight" used as the weight of linear nodes. docs/EMBEDDING.md,
+ * "LoRA adapter files", lists what is refused and how names match. */
+typedef struct vkg_adapter vkg_adapter;
+
+/* Reads and checks an adapter against model. dir is the folder holding adapter_model.safetensors and
+ * adapter_config.json, or the path of either file (the other is looked for beside it). Keys and
+ * target_modules entries that match no weight of the model are not an error: they are listed by
+ * vkg_adapter_unmatched. Malformed files fail with VKG_ERROR_INVALID_GRAPH (VKG_ERROR_IO when
+ * unreadable), naming the file and the tensor. *out is owned by the caller (vkg_adapter_destroy)
+ * and belongs to model: destroy it before the model. It does not change the model's weights. */
+VKG_API vkg_status vkg_adapter_load(vkg_model *model, const char *dir, vkg_adapter **out);
+/* Destroying an applied adapter leaves its weights merged; vkg_model_apply_adapter(model, NULL, 0)
+ * still restores them. */
+VKG_API void vkg_adapter_destroy(vkg_adapter *a);
+/* Weights the adapter changes, and the adapter keys and target_modules entries it cannot apply. */
+VKG_API uint32_t vkg_adapter_matched_count(const vkg_adapter *a);
+VKG_API uint32_t vkg_adapter_unmatched_count(const vkg_adapter *a);
+/* The i-th unmatched name with its reason, "name: reason"; NULL when i is out of range. Owned by
+ * the adapter. */
+VKG_API const char *vkg_adapter_unmatched(const vkg_adapter *a, uint32_t i);
+/* Makes the model's weights W0 + scale * (lora_alpha / r) * B A for every matched weight (alpha /
+ * sqrt(r) with use_rslora), computed on the host in double and rounded once to float, then to the
+ * weight's dtype; sessions of the model see the new weights at their next run, at no cost per run.
+ * One adapter is applied at a time: a previous one is first undone. a = NULL unloads: the original
+ * bytes of the file are uploaded again (outputs then match the base model bit for bit). On failure
+ * the model is left with its original weights. Threads: must not overlap a run, submit or pending
+ * recorded execution of any session of this model (wait for them first), nor another
+ * vkg_model_apply_adapter on the same model. */
+VKG_API vkg_status vkg_model_apply_adapter(vkg_model *model, const vkg_adapter *a, float scale);
 
 #ifdef __cplusplus
 }

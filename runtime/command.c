@@ -30,6 +30,10 @@ typedef struct op {
 
 struct vkg_cmd {
     vkg_context *ctx;
+    /* Its own pool (command pools are externally synchronized: sessions record and free on their
+     * own threads) and, for vkg_cmd_submit_wait, its own fence. */
+    VkCommandPool pool;
+    VkFence fence;
     VkCommandBuffer cb;
     bool ended, profile;
 
@@ -80,12 +84,19 @@ vkg_status vkg_cmd_begin(vkg_context *ctx, bool profile, vkg_cmd **out)
     if (!c) return vkg_fail(VKG_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
     c->ctx = ctx;
     c->profile = profile && ctx->info.timestamps;
-    VkCommandBufferAllocateInfo ai = {.sType = VK_STRUCTURE_TYPE_COMMAND_BUFFER_ALLOCATE_INFO,
-                                      .commandPool = ctx->cmd_pool, .level = VK_COMMAND_BUFFER_LEVEL_PRIMARY,
-                                      .commandBufferCount = 1};
-    VkResult r = vkAllocateCommandBuffers(ctx->device, &ai, &c->cb);
+    VkCommandPoolCreateInfo pi = {.sType = VK_STRUCTURE_TYPE_COMMAND_POOL_CREATE_INFO,
+                                  .queueFamilyIndex = ctx->queue_family};
+    VkResult r = vkCreateCommandPool(ctx->device, &pi, NULL, &c->pool);
     if (r != VK_SUCCESS) {
         free(c);
+        return vkg_fail_vk(r, "vkCreateCommandPool");
+    }
+    VkCommandBufferAllocateInfo ai = {.sType = VK_STRUCTURE_TYPE_COMMAND_BUFFER_ALLOCATE_INFO,
+                                      .commandPool = c->pool, .level = VK_COMMAND_BUFFER_LEVEL_PRIMARY,
+                                      .commandBufferCount = 1};
+    r = vkAllocateCommandBuffers(ctx->device, &ai, &c->cb);
+    if (r != VK_SUCCESS) {
+        vkg_cmd_destroy(c);
         return vkg_fail_vk(r, "vkAllocateCommandBuffers");
     }
     VkCommandBufferBeginInfo bi = {.sType = VK_STRUCTURE_TYPE_COMMAND_BUFFER_BEGIN_INFO};
@@ -382,10 +393,15 @@ vkg_status vkg_cmd_submit_wait(vkg_cmd *c)
 {
     vkg_context *ctx = c->ctx;
     VKG_TRY(vkg_cmd_end(c));
+    if (!c->fence) {
+        VkFenceCreateInfo fci = {.sType = VK_STRUCTURE_TYPE_FENCE_CREATE_INFO};
+        VKG_VK(vkCreateFence(ctx->device, &fci, NULL, &c->fence));
+    }
     VkSubmitInfo si = {.sType = VK_STRUCTURE_TYPE_SUBMIT_INFO, .commandBufferCount = 1, .pCommandBuffers = &c->cb};
-    VKG_VK(vkQueueSubmit(ctx->queue, 1, &si, ctx->fence));
-    VkResult r = vkWaitForFences(ctx->device, 1, &ctx->fence, VK_TRUE, UINT64_MAX);
-    vkResetFences(ctx->device, 1, &ctx->fence);
+    VkResult r = vkg_queue_submit(ctx, &si, c->fence);
+    if (r != VK_SUCCESS) return vkg_fail_vk(r, "vkQueueSubmit");
+    r = vkg_wait_fence(ctx, c->fence, UINT64_MAX);
+    vkResetFences(ctx->device, 1, &c->fence);
     if (r != VK_SUCCESS) return vkg_fail_vk(r, "vkWaitForFences");
     return vkg_cmd_complete(c);
 }
@@ -437,7 +453,7 @@ vkg_status vkg_cmd_submit(vkg_cmd *c, const vkg_cmd_submit_info *in)
                        .waitSemaphoreCount = in->n_wait, .pWaitSemaphores = in->wait, .pWaitDstStageMask = stages,
                        .commandBufferCount = 1, .pCommandBuffers = &c->cb,
                        .signalSemaphoreCount = nsig, .pSignalSemaphores = sig};
-    VkResult r = vkQueueSubmit(ctx->queue, 1, &si, in->fence);
+    VkResult r = vkg_queue_submit(ctx, &si, in->fence);
     free(mem);
     if (r != VK_SUCCESS) return vkg_fail_vk(r, "vkQueueSubmit");
     return VKG_SUCCESS;
@@ -462,7 +478,9 @@ void vkg_cmd_destroy(vkg_cmd *c)
 {
     if (!c) return;
     VkDevice dev = c->ctx->device;
-    if (c->cb) vkFreeCommandBuffers(dev, c->ctx->cmd_pool, 1, &c->cb);
+    if (c->cb) vkFreeCommandBuffers(dev, c->pool, 1, &c->cb);
+    if (c->pool) vkDestroyCommandPool(dev, c->pool, NULL);
+    if (c->fence) vkDestroyFence(dev, c->fence, NULL);
     for (uint32_t i = 0; i < c->npools; i++) vkDestroyDescriptorPool(dev, c->pools[i], NULL);
     for (uint32_t i = 0; i < c->nviews; i++) vkDestroyBufferView(dev, c->views[i], NULL);
     if (c->queries) vkDestroyQueryPool(dev, c->queries, NULL);

@@ -210,10 +210,12 @@ static VKAPI_ATTR VkBool32 VKAPI_CALL on_validation(VkDebugUtilsMessageSeverityF
     vkg_context *ctx = user;
     if (!ctx || !(sev & (VK_DEBUG_UTILS_MESSAGE_SEVERITY_WARNING_BIT_EXT | VK_DEBUG_UTILS_MESSAGE_SEVERITY_ERROR_BIT_EXT)))
         return VK_FALSE;
+    pthread_mutex_lock(&ctx->val_lock);
     if (ctx->validation_unseen == 0)
         snprintf(ctx->validation_first, sizeof ctx->validation_first, "%s", data->pMessage ? data->pMessage : "");
     ctx->validation_unseen++;
     ctx->validation_total++;
+    pthread_mutex_unlock(&ctx->val_lock);
     /* Printed too, so a test log shows every message, not only the first. */
     fprintf(stderr, "vkg: validation: %s\n", data->pMessage ? data->pMessage : "(no message)");
     return VK_FALSE;
@@ -221,14 +223,26 @@ static VKAPI_ATTR VkBool32 VKAPI_CALL on_validation(VkDebugUtilsMessageSeverityF
 
 vkg_status vkg_context_check_validation(vkg_context *ctx)
 {
-    if (!ctx || ctx->validation_unseen == 0) return VKG_SUCCESS;
+    if (!ctx || !ctx->validation) return VKG_SUCCESS;
+    pthread_mutex_lock(&ctx->val_lock);
     uint64_t n = ctx->validation_unseen;
+    char first[sizeof ctx->validation_first];
+    memcpy(first, ctx->validation_first, sizeof first);
     ctx->validation_unseen = 0;
+    pthread_mutex_unlock(&ctx->val_lock);
+    if (n == 0) return VKG_SUCCESS;
     return vkg_fail(VKG_ERROR_VALIDATION, "validation layer reported %llu message(s); first: %s",
-                    (unsigned long long)n, ctx->validation_first);
+                    (unsigned long long)n, first);
 }
 
-uint64_t vkg_context_validation_count(const vkg_context *ctx) { return ctx ? ctx->validation_total : 0; }
+uint64_t vkg_context_validation_count(const vkg_context *ctx)
+{
+    if (!ctx || !ctx->validation) return 0;
+    pthread_mutex_lock((pthread_mutex_t *)&ctx->val_lock);
+    uint64_t n = ctx->validation_total;
+    pthread_mutex_unlock((pthread_mutex_t *)&ctx->val_lock);
+    return n;
+}
 
 const vkg_device_info *vkg_context_device_info(const vkg_context *ctx) { return ctx ? &ctx->info : NULL; }
 
@@ -451,6 +465,28 @@ vkg_status vkg_context_vulkan(const vkg_context *ctx, vkg_vulkan_handles *out)
 void vkg_memory_destroy_all(vkg_context *ctx);
 void vkg_pipelines_destroy_all(vkg_context *ctx);
 
+static bool init_locks(vkg_context *ctx)
+{
+    pthread_mutex_t *m[] = {&ctx->mem_lock, &ctx->pipe_lock, &ctx->val_lock, &ctx->once_lock, &ctx->queue_lock};
+    for (size_t i = 0; i < VKG_ARRAY_LEN(m); i++)
+        if (pthread_mutex_init(m[i], NULL) != 0) {
+            while (i--) pthread_mutex_destroy(m[i]);
+            return false;
+        }
+    ctx->locks_ready = true;
+    return true;
+}
+
+static void destroy_locks(vkg_context *ctx)
+{
+    if (!ctx->locks_ready) return;
+    pthread_mutex_destroy(&ctx->mem_lock);
+    pthread_mutex_destroy(&ctx->pipe_lock);
+    pthread_mutex_destroy(&ctx->val_lock);
+    pthread_mutex_destroy(&ctx->once_lock);
+    pthread_mutex_destroy(&ctx->queue_lock);
+}
+
 vkg_status vkg_context_create(const vkg_context_desc *desc_in, vkg_context **out)
 {
     if (!out) return vkg_fail(VKG_ERROR_INVALID_ARGUMENT, "vkg_context_create: out is NULL");
@@ -460,13 +496,26 @@ vkg_status vkg_context_create(const vkg_context_desc *desc_in, vkg_context **out
 
     vkg_context *ctx = calloc(1, sizeof *ctx);
     if (!ctx) return vkg_fail(VKG_ERROR_OUT_OF_HOST_MEMORY, "out of host memory creating a context");
+    if (!init_locks(ctx)) {
+        free(ctx);
+        return vkg_fail(VKG_ERROR_OUT_OF_HOST_MEMORY, "vkg_context_create: pthread_mutex_init failed");
+    }
+    if ((desc.external.lock_queue == NULL) != (desc.external.unlock_queue == NULL)) {
+        vkg_context_destroy(ctx);
+        return vkg_fail(VKG_ERROR_INVALID_ARGUMENT,
+                        "vkg_context_create: give both external.lock_queue and external.unlock_queue, or neither");
+    }
+    ctx->lock_queue = desc.external.lock_queue;
+    ctx->unlock_queue = desc.external.unlock_queue;
+    ctx->queue_lock_user = desc.external.queue_lock_user;
+    ctx->budget = desc.memory_budget;
     vkg_status st = VKG_SUCCESS;
     bool external = desc.external.device != VK_NULL_HANDLE;
     uint32_t instance_api = 0;
 
     if (external) {
         if (!desc.external.instance || !desc.external.physical_device || !desc.external.queue) {
-            free(ctx);
+            vkg_context_destroy(ctx);
             return vkg_fail(VKG_ERROR_INVALID_ARGUMENT,
                             "vkg_context_create: adopting a device needs external.instance, physical_device, "
                             "device and queue");
@@ -590,10 +639,23 @@ void vkg_context_destroy(vkg_context *ctx)
         if (destroy) destroy(ctx->instance, ctx->messenger, NULL);
     }
     if (ctx->owns_instance && ctx->instance) vkDestroyInstance(ctx->instance, NULL);
+    destroy_locks(ctx);
     free(ctx);
 }
 
+static vkg_status run_once_locked(vkg_context *ctx, void (*record)(VkCommandBuffer, void *), void *user);
+
 vkg_status vkg_context_run_once(vkg_context *ctx, void (*record)(VkCommandBuffer, void *), void *user)
+{
+    VKG_TRY(vkg_context_alive(ctx, "vkg_context_run_once"));
+    pthread_mutex_lock(&ctx->once_lock);
+    vkg_status st = run_once_locked(ctx, record, user);
+    pthread_mutex_unlock(&ctx->once_lock);
+    return st == VKG_SUCCESS ? vkg_context_check_validation(ctx) : st;
+}
+
+/* The one-shot command buffer and its fence are the context's: the caller holds once_lock. */
+static vkg_status run_once_locked(vkg_context *ctx, void (*record)(VkCommandBuffer, void *), void *user)
 {
     VkCommandBufferAllocateInfo ai = {.sType = VK_STRUCTURE_TYPE_COMMAND_BUFFER_ALLOCATE_INFO,
                                       .commandPool = ctx->cmd_pool, .level = VK_COMMAND_BUFFER_LEVEL_PRIMARY,
@@ -611,15 +673,67 @@ vkg_status vkg_context_run_once(vkg_context *ctx, void (*record)(VkCommandBuffer
     }
     if (r == VK_SUCCESS) {
         VkSubmitInfo si = {.sType = VK_STRUCTURE_TYPE_SUBMIT_INFO, .commandBufferCount = 1, .pCommandBuffers = &cb};
-        r = vkQueueSubmit(ctx->queue, 1, &si, ctx->fence);
+        r = vkg_queue_submit(ctx, &si, ctx->fence);
         call = "vkQueueSubmit";
         if (r == VK_SUCCESS) {
-            r = vkWaitForFences(ctx->device, 1, &ctx->fence, VK_TRUE, UINT64_MAX);
+            r = vkg_wait_fence(ctx, ctx->fence, UINT64_MAX);
             call = "vkWaitForFences";
             vkResetFences(ctx->device, 1, &ctx->fence);
         }
     }
     vkFreeCommandBuffers(ctx->device, ctx->cmd_pool, 1, &cb);
     if (r != VK_SUCCESS) return vkg_fail_vk(r, call);
-    return vkg_context_check_validation(ctx);
+    return VKG_SUCCESS;
+}
+
+void vkg_context_inject_fault(vkg_context *ctx, vkg_fault_site site, uint32_t nth, VkResult result)
+{
+    ctx->fault_result[site] = result;
+    atomic_store(&ctx->fault_countdown[site], nth);
+}
+
+VkResult vkg_context_fault(vkg_context *ctx, vkg_fault_site site)
+{
+    unsigned n = atomic_load(&ctx->fault_countdown[site]);
+    while (n > 0) {
+        if (atomic_compare_exchange_weak(&ctx->fault_countdown[site], &n, n - 1))
+            return n == 1 ? ctx->fault_result[site] : VK_SUCCESS;
+    }
+    return VK_SUCCESS;
+}
+
+VkResult vkg_context_note(vkg_context *ctx, VkResult r)
+{
+    if (r == VK_ERROR_DEVICE_LOST) atomic_store(&ctx->lost, true);
+    return r;
+}
+
+vkg_status vkg_context_alive(vkg_context *ctx, const char *call)
+{
+    if (!atomic_load(&ctx->lost)) return VKG_SUCCESS;
+    return vkg_fail(VKG_ERROR_DEVICE_LOST,
+                    "%s: the device was lost earlier (VK_ERROR_DEVICE_LOST); destroy every session and model of "
+                    "this context and the context, then create a new context", call);
+}
+
+VkResult vkg_queue_submit(vkg_context *ctx, const VkSubmitInfo *si, VkFence fence)
+{
+    if (atomic_load(&ctx->lost)) return VK_ERROR_DEVICE_LOST;
+    VkResult r = vkg_context_fault(ctx, VKG_FAULT_SUBMIT);
+    if (r != VK_SUCCESS) return vkg_context_note(ctx, r);
+    if (ctx->lock_queue) ctx->lock_queue(ctx->queue_lock_user);
+    else pthread_mutex_lock(&ctx->queue_lock);
+    r = vkQueueSubmit(ctx->queue, 1, si, fence);
+    if (ctx->unlock_queue) ctx->unlock_queue(ctx->queue_lock_user);
+    else pthread_mutex_unlock(&ctx->queue_lock);
+    return vkg_context_note(ctx, r);
+}
+
+VkResult vkg_wait_fence(vkg_context *ctx, VkFence fence, uint64_t timeout_ns)
+{
+    VkResult r = vkWaitForFences(ctx->device, 1, &fence, VK_TRUE, timeout_ns);
+    /* An injected failure comes after the real wait: the work has completed, as after a device
+     * loss noticed late, so nothing vkg frees afterwards is still in use. */
+    VkResult f = r == VK_SUCCESS ? vkg_context_fault(ctx, VKG_FAULT_WAIT) : VK_SUCCESS;
+    return vkg_context_note(ctx, f != VK_SUCCESS ? f : r);
 }

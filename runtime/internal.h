@@ -3,7 +3,9 @@
 #ifndef VKG_INTERNAL_H
 #define VKG_INTERNAL_H
 
+#include <pthread.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -64,6 +66,11 @@ vkg_status vkg_buf_upload(vkg_buf *buf, VkDeviceSize offset, const void *src, Vk
 vkg_status vkg_buf_download(vkg_buf *buf, VkDeviceSize offset, void *dst, VkDeviceSize size);
 /* Bytes currently allocated from device memory blocks (for tests and reports). */
 VkDeviceSize vkg_mem_block_bytes(const vkg_context *ctx);
+/* Bytes of device memory new buffers can still get within the context's budget (UINT64_MAX without
+ * one): an upper bound, since free ranges are counted whole. */
+VkDeviceSize vkg_mem_available(vkg_context *ctx);
+/* A buffer of `size` bytes takes this many bytes of a block. */
+VkDeviceSize vkg_mem_footprint(const vkg_context *ctx, VkDeviceSize size);
 
 /* ---- pipelines (runtime/pipeline.c) ---- */
 
@@ -179,8 +186,32 @@ struct vkg_context {
     uint64_t validation_unseen; /* since the last check */
     char validation_first[1024];
 
+    /* Thread safety (docs/EMBEDDING.md, "Threads"): objects shared by every session of the context
+     * are guarded here; sessions own their command pool, command buffer, descriptor pools and fence.
+     *  - mem_lock: the block list and its free lists (every vkg_buf_create / vkg_buf_destroy);
+     *  - pipe_lock: the pipeline list;
+     *  - val_lock: the validation counters and first message (the layer calls back on any thread);
+     *  - once_lock: cmd_pool and fence below, which only vkg_context_run_once uses;
+     *  - queue_lock: vkQueueSubmit on `queue` (externally synchronized in Vulkan), or the
+     *    application's lock_queue/unlock_queue for an adopted queue.
+     * Lock order: once_lock before queue_lock; mem_lock and pipe_lock are never held together, and
+     * val_lock is innermost (held only inside the callback and vkg_context_check_validation). */
+    pthread_mutex_t mem_lock, pipe_lock, val_lock, once_lock, queue_lock;
+    bool locks_ready;
+    void (*lock_queue)(void *user);
+    void (*unlock_queue)(void *user);
+    void *queue_lock_user;
     VkCommandPool cmd_pool;
     VkFence fence;
+    /* Set by the first VK_ERROR_DEVICE_LOST: every later submission fails fast with the same status;
+     * the application destroys and recreates the context. */
+    atomic_bool lost;
+    /* Test-only fault injection (vkg_context_inject_fault): the countdown-th call at the site returns
+     * `result` instead of reaching the driver. 0: off. */
+    atomic_uint fault_countdown[3];
+    VkResult fault_result[3];
+    /* Device-memory budget: 0 none; otherwise block memory never exceeds it. */
+    VkDeviceSize budget;
     /* Timeline semaphores: info.timeline_semaphore says the device has them enabled (application
      * semaphores may be timelines); use_timeline, that sessions signal their completion on one
      * (false with VKG_DISABLE_TIMELINE=1: a fence per session instead). wait_semaphores is
@@ -204,5 +235,25 @@ struct vkg_context {
 
 /* Runs a one-shot command buffer (uploads, downloads) and waits. */
 vkg_status vkg_context_run_once(vkg_context *ctx, void (*record)(VkCommandBuffer, void *), void *user);
+
+/* Where vkg_context_inject_fault makes a Vulkan call fail. */
+typedef enum vkg_fault_site {
+    VKG_FAULT_SUBMIT = 0, /* vkQueueSubmit */
+    VKG_FAULT_WAIT = 1,   /* vkWaitForFences / vkWaitSemaphores after a submit (the work still runs) */
+    VKG_FAULT_ALLOC = 2   /* vkAllocateMemory of a device-memory block */
+} vkg_fault_site;
+/* Tests only: the `nth` (1-based) next call at `site` returns `result` without reaching the driver
+ * (lavapipe cannot lose its device or run out of memory on demand). nth = 0 disarms. */
+void vkg_context_inject_fault(vkg_context *ctx, vkg_fault_site site, uint32_t nth, VkResult result);
+/* The injected result for this call at `site`, or VK_SUCCESS to go ahead. */
+VkResult vkg_context_fault(vkg_context *ctx, vkg_fault_site site);
+/* Records a Vulkan result: VK_ERROR_DEVICE_LOST marks the context lost for good. Returns r. */
+VkResult vkg_context_note(vkg_context *ctx, VkResult r);
+/* VKG_ERROR_DEVICE_LOST with a message saying what to do when the device was lost earlier. */
+vkg_status vkg_context_alive(vkg_context *ctx, const char *call);
+/* vkQueueSubmit on the context's queue under its queue lock, after the lost and fault checks. */
+VkResult vkg_queue_submit(vkg_context *ctx, const VkSubmitInfo *si, VkFence fence);
+/* Waits for `fence`, noting the result (fault site VKG_FAULT_WAIT). */
+VkResult vkg_wait_fence(vkg_context *ctx, VkFence fence, uint64_t timeout_ns);
 
 #endif

@@ -81,7 +81,9 @@ static vkg_status raw_buffer(vkg_context *ctx, VkDeviceSize size, VkBufferUsageF
     }
     VkMemoryAllocateInfo mai = {.sType = VK_STRUCTURE_TYPE_MEMORY_ALLOCATE_INFO, .allocationSize = req.size,
                                 .memoryTypeIndex = (uint32_t)type};
-    VkResult r = vkAllocateMemory(ctx->device, &mai, NULL, mem);
+    VkResult r = host ? VK_SUCCESS : vkg_context_fault(ctx, VKG_FAULT_ALLOC);
+    if (r == VK_SUCCESS) r = vkAllocateMemory(ctx->device, &mai, NULL, mem);
+    vkg_context_note(ctx, r);
     if (r != VK_SUCCESS) {
         vkDestroyBuffer(ctx->device, *buf, NULL);
         if (r == VK_ERROR_OUT_OF_DEVICE_MEMORY || r == VK_ERROR_OUT_OF_HOST_MEMORY)
@@ -182,6 +184,44 @@ static vkg_status block_give(vkg_block *b, VkDeviceSize off, VkDeviceSize size)
     return VKG_SUCCESS;
 }
 
+static VkDeviceSize blocks_bytes(const vkg_context *ctx)
+{
+    VkDeviceSize n = 0;
+    for (const vkg_block *b = ctx->blocks; b; b = b->next) n += b->size;
+    return n;
+}
+
+/* Size of the next block for a request of `need` bytes: the usual block size, trimmed to what the
+ * budget leaves (never below need). 0 when the budget cannot hold need: the message is set. */
+static VkDeviceSize next_block_size(vkg_context *ctx, VkDeviceSize need)
+{
+    VkDeviceSize bs = VKG_MAX(ctx->block_size, need);
+    if (!ctx->budget) return bs;
+    VkDeviceSize held = blocks_bytes(ctx), left = ctx->budget > held ? ctx->budget - held : 0;
+    if (need > left) {
+        vkg_fail(VKG_ERROR_OUT_OF_DEVICE_MEMORY,
+                 "out of the context's device-memory budget: %llu bytes needed, %llu left of the budget of %llu "
+                 "(%llu held)", (unsigned long long)need, (unsigned long long)left, (unsigned long long)ctx->budget,
+                 (unsigned long long)held);
+        return 0;
+    }
+    return VKG_MIN(bs, left);
+}
+
+static vkg_status buf_take(vkg_context *ctx, VkDeviceSize need, vkg_block **out, VkDeviceSize *off)
+{
+    for (vkg_block *b = ctx->blocks; b; b = b->next)
+        if (block_take(b, need, ctx->alignment, off)) {
+            *out = b;
+            return VKG_SUCCESS;
+        }
+    VkDeviceSize bs = next_block_size(ctx, need);
+    if (!bs) return VKG_ERROR_OUT_OF_DEVICE_MEMORY;
+    VKG_TRY(block_new(ctx, bs, out));
+    block_take(*out, need, ctx->alignment, off);
+    return VKG_SUCCESS;
+}
+
 vkg_status vkg_buf_create(vkg_context *ctx, VkDeviceSize size, vkg_buf **out)
 {
     if (!ctx || !out) return vkg_fail(VKG_ERROR_INVALID_ARGUMENT, "vkg_buf_create: NULL argument");
@@ -192,19 +232,15 @@ vkg_status vkg_buf_create(vkg_context *ctx, VkDeviceSize size, vkg_buf **out)
     if (!buf) return vkg_fail(VKG_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
 
     VkDeviceSize off = 0;
-    vkg_block *b = ctx->blocks;
-    for (; b; b = b->next)
-        if (block_take(b, need, ctx->alignment, &off)) break;
-    if (!b) {
-        VkDeviceSize bs = VKG_MAX(ctx->block_size, need);
-        vkg_status st = block_new(ctx, bs, &b);
-        if (st != VKG_SUCCESS) {
-            free(buf);
-            if (st == VKG_ERROR_OUT_OF_DEVICE_MEMORY)
-                return vkg_fail_prefix(st, "allocating a buffer of %llu bytes", (unsigned long long)size);
-            return st;
-        }
-        block_take(b, need, ctx->alignment, &off);
+    vkg_block *b = NULL;
+    pthread_mutex_lock(&ctx->mem_lock);
+    vkg_status st = buf_take(ctx, need, &b, &off);
+    pthread_mutex_unlock(&ctx->mem_lock);
+    if (st != VKG_SUCCESS) {
+        free(buf);
+        if (st == VKG_ERROR_OUT_OF_DEVICE_MEMORY)
+            return vkg_fail_prefix(st, "allocating a buffer of %llu bytes", (unsigned long long)size);
+        return st;
     }
     buf->ctx = ctx;
     buf->block = b;
@@ -222,6 +258,7 @@ void vkg_buf_destroy(vkg_buf *buf)
     vkg_context *ctx = buf->ctx;
     vkg_block *b = buf->block;
     VkDeviceSize need = align_up(buf->size ? buf->size : 4, ctx->alignment);
+    pthread_mutex_lock(&ctx->mem_lock);
     block_give(b, buf->offset, need);
     if (b->live == 0) { /* release empty blocks so peak device memory follows live buffers */
         vkg_block **pp = &ctx->blocks;
@@ -232,14 +269,41 @@ void vkg_buf_destroy(vkg_buf *buf)
         free(b->free);
         free(b);
     }
+    pthread_mutex_unlock(&ctx->mem_lock);
     free(buf);
 }
 
 VkDeviceSize vkg_mem_block_bytes(const vkg_context *ctx)
 {
-    VkDeviceSize n = 0;
-    for (const vkg_block *b = ctx->blocks; b; b = b->next) n += b->size;
-    return n;
+    vkg_memory_stats ms;
+    vkg_context_memory_stats((vkg_context *)ctx, &ms);
+    return ms.allocated;
+}
+
+vkg_status vkg_context_memory_stats(vkg_context *ctx, vkg_memory_stats *out)
+{
+    if (!ctx || !out) return vkg_fail(VKG_ERROR_INVALID_ARGUMENT, "vkg_context_memory_stats: NULL argument");
+    *out = (vkg_memory_stats){0, 0, ctx->budget};
+    pthread_mutex_lock(&ctx->mem_lock);
+    for (const vkg_block *b = ctx->blocks; b; b = b->next) {
+        VkDeviceSize free_bytes = 0;
+        for (uint32_t i = 0; i < b->nfree; i++) free_bytes += b->free[i].size;
+        out->allocated += b->size;
+        out->used += b->size - free_bytes;
+    }
+    pthread_mutex_unlock(&ctx->mem_lock);
+    return VKG_SUCCESS;
+}
+
+/* Free space in held blocks plus what the budget leaves for new ones. Free ranges are counted whole,
+ * so this is an upper bound: fragmentation can still make a request that passes it fail later. */
+VkDeviceSize vkg_mem_available(vkg_context *ctx)
+{
+    if (!ctx->budget) return UINT64_MAX;
+    vkg_memory_stats ms;
+    vkg_context_memory_stats(ctx, &ms);
+    VkDeviceSize left = ctx->budget > ms.allocated ? ctx->budget - ms.allocated : 0;
+    return left + (ms.allocated - ms.used);
 }
 
 void vkg_memory_destroy_all(vkg_context *ctx)
@@ -321,4 +385,9 @@ vkg_status vkg_buf_download(vkg_buf *buf, VkDeviceSize offset, void *dst, VkDevi
         return VKG_SUCCESS;
     }
     return staged_copy(buf, offset, dst, size, false);
+}
+
+VkDeviceSize vkg_mem_footprint(const vkg_context *ctx, VkDeviceSize size)
+{
+    return align_up(size ? size : 4, ctx->alignment);
 }

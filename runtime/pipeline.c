@@ -79,10 +79,21 @@ static vkg_status build(vkg_context *ctx, const vkg_pipeline_desc *d, vkg_pipeli
     return vkg_context_check_validation(ctx);
 }
 
+/* Sessions recorded on several threads share the list; a pipeline, once listed, never moves. */
+static vkg_status pipeline_get_locked(vkg_context *ctx, const vkg_pipeline_desc *d, const vkg_pipeline **out);
+
 vkg_status vkg_pipeline_get(vkg_context *ctx, const vkg_pipeline_desc *d, const vkg_pipeline **out)
 {
     if (d->nbindings > VKG_MAX_BINDINGS || d->nspec > VKG_MAX_SPEC)
         return vkg_fail(VKG_ERROR_INVALID_ARGUMENT, "pipeline %s: too many bindings or constants", d->shader);
+    pthread_mutex_lock(&ctx->pipe_lock);
+    vkg_status st = pipeline_get_locked(ctx, d, out);
+    pthread_mutex_unlock(&ctx->pipe_lock);
+    return st;
+}
+
+static vkg_status pipeline_get_locked(vkg_context *ctx, const vkg_pipeline_desc *d, const vkg_pipeline **out)
+{
     for (uint32_t i = 0; i < ctx->npipelines; i++)
         if (same_desc(&ctx->pipelines[i]->desc, d)) {
             *out = ctx->pipelines[i];

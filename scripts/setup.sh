@@ -8,7 +8,7 @@ PKGS=(
   libvulkan-dev vulkan-tools mesa-vulkan-drivers
   glslang-tools spirv-tools vulkan-validationlayers
   python3 python3-numpy python3-torch python3-torchvision python3-pip
-  libstb-dev
+  libstb-dev libcjson-dev
 )
 
 # PyPI packages for the tests, installed without dependencies next to Debian's PyTorch (never into

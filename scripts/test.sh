@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The whole test suite on a fresh machine: install, then build and test three ways:
+# The whole test suite on a fresh machine: install, then build and test three ways (and a fourth,
+# ThreadSanitizer, for the concurrency test alone):
 #   gcc (Release, -O3: the configuration scripts/run.sh builds, whose optimizer sees warnings -O2
 #   does not), clang (RelWithDebInfo), and clang with AddressSanitizer + UndefinedBehaviorSanitizer.
 # After the gcc tests, build/gcc is installed into build/install and samples/embed is built against it.
@@ -31,3 +32,9 @@ export LSAN_OPTIONS="suppressions=$PWD/tests/lsan.supp:print_suppressions=0"
 export ASAN_OPTIONS="detect_leaks=1:abort_on_error=1"
 export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
 ctest --test-dir build/asan --output-on-failure -j "$jobs" -E '^cli_bench_smoke$'
+
+echo "== clang + ThreadSanitizer: the concurrency test (8 threads x 100 runs on one model)"
+cmake -S . -B build/tsan -G Ninja -DCMAKE_C_COMPILER=clang -DCMAKE_BUILD_TYPE=RelWithDebInfo -DVKG_TSAN=ON \
+  -DVKG_PYTHON_UNIT_TESTS=OFF > build/tsan.configure.log 2>&1 || { cat build/tsan.configure.log; exit 1; }
+cmake --build build/tsan --target test_threads
+ctest --test-dir build/tsan --output-on-failure -R '^threads_'

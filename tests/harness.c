@@ -29,6 +29,18 @@ int h_finish(vkg_context *ctx, const char *name)
     return h_failures ? 1 : 0;
 }
 
+void *h_writer_finish(vkg_writer *w, vkg_status st, size_t *size)
+{
+    void *data = NULL;
+    if (st == VKG_SUCCESS) st = vkg_writer_to_memory(w, &data, size);
+    vkg_writer_destroy(w);
+    if (st != VKG_SUCCESS) {
+        fprintf(stderr, "FAIL: building the test graph: %s: %s\n", vkg_status_name(st), vkg_last_error());
+        exit(1);
+    }
+    return data;
+}
+
 void h_fill(float *p, size_t n, uint32_t seed, float lo, float hi)
 {
     uint64_t s = 0x9e3779b97f4a7c15ull ^ seed;

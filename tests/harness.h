@@ -43,6 +43,11 @@ vkg_context *h_context(void);
 /* Ends a test program: checks no validation message arrived, destroys ctx, prints the tally. */
 int h_finish(vkg_context *ctx, const char *name);
 
+/* Ends building a test graph: if st (the status of the writer calls so far) is a success, the
+ * serialized graph (malloc'd, owned by the caller) with its size; exits the test otherwise.
+ * Destroys w either way. */
+void *h_writer_finish(vkg_writer *w, vkg_status st, size_t *size);
+
 /* Deterministic pseudo-random floats in [lo, hi). */
 void h_fill(float *p, size_t n, uint32_t seed, float lo, float hi);
 /* Buffer holding a copy of host data (n bytes). */

@@ -3,6 +3,7 @@
  * the application's semaphores and vkg's timeline semaphore or fence, and every misuse refused with
  * its own message. Only the public API and Vulkan are used, as an application would.
  * `test_embed NAME`; ctest runs each under the validation layer with synchronization validation. */
+#include <pthread.h>
 #include <stdbool.h>
 
 #include "harness.h"
@@ -51,14 +52,7 @@ static void *build(params *p, size_t *size)
     if (!st) st = vkg_writer_add_input(w, x);
     if (!st) st = vkg_writer_add_output(w, y);
     if (!st) st = vkg_writer_add_output(w, f);
-    void *data = NULL;
-    if (!st) st = vkg_writer_to_memory(w, &data, size);
-    vkg_writer_destroy(w);
-    if (st) {
-        fprintf(stderr, "FAIL: build graph: %s\n", vkg_last_error());
-        exit(1);
-    }
-    return data;
+    return h_writer_finish(w, st, size);
 }
 
 static void reference(const params *p, const float *x, float *y, float *flat)
@@ -533,6 +527,75 @@ static VKAPI_ATTR VkBool32 VKAPI_CALL on_message(VkDebugUtilsMessageSeverityFlag
     return VK_FALSE;
 }
 
+/* ---- a queue shared with the application's own submitting thread, through lock_queue ---- */
+
+typedef struct queue_lock {
+    pthread_mutex_t mutex;
+    unsigned vkg_locks; /* taken by vkg */
+    bool held;
+} queue_lock;
+
+static void lock_q(void *user)
+{
+    queue_lock *l = user;
+    pthread_mutex_lock(&l->mutex);
+    l->vkg_locks++;
+    l->held = true;
+}
+
+static void unlock_q(void *user)
+{
+    queue_lock *l = user;
+    l->held = false;
+    pthread_mutex_unlock(&l->mutex);
+}
+
+typedef struct app_thread {
+    app *a;
+    queue_lock *lock;
+    int submits, failures;
+} app_thread;
+
+/* The "render thread": empty command buffers submitted to the same queue under the same lock. */
+static void *app_submitter(void *arg)
+{
+    app_thread *t = arg;
+    VkCommandBufferAllocateInfo ai = {.sType = VK_STRUCTURE_TYPE_COMMAND_BUFFER_ALLOCATE_INFO, .commandPool = t->a->pool,
+                                      .level = VK_COMMAND_BUFFER_LEVEL_PRIMARY, .commandBufferCount = 1};
+    VkCommandBufferBeginInfo bi = {.sType = VK_STRUCTURE_TYPE_COMMAND_BUFFER_BEGIN_INFO};
+    VkCommandBuffer cb = VK_NULL_HANDLE;
+    if (vkAllocateCommandBuffers(t->a->vk.device, &ai, &cb) != VK_SUCCESS || vkBeginCommandBuffer(cb, &bi) != VK_SUCCESS ||
+        vkEndCommandBuffer(cb) != VK_SUCCESS)
+        t->failures++;
+    for (int i = 0; i < t->submits && !t->failures; i++) {
+        VkSubmitInfo si = {.sType = VK_STRUCTURE_TYPE_SUBMIT_INFO, .commandBufferCount = 1, .pCommandBuffers = &cb};
+        pthread_mutex_lock(&t->lock->mutex);
+        VkResult r = vkQueueSubmit(t->a->vk.queue, 1, &si, t->a->fence);
+        pthread_mutex_unlock(&t->lock->mutex);
+        if (r != VK_SUCCESS || vkWaitForFences(t->a->vk.device, 1, &t->a->fence, VK_TRUE, UINT64_MAX) != VK_SUCCESS ||
+            vkResetFences(t->a->vk.device, 1, &t->a->fence) != VK_SUCCESS)
+            t->failures++;
+    }
+    vkFreeCommandBuffers(t->a->vk.device, t->a->pool, 1, &cb);
+    return NULL;
+}
+
+/* vkg runs while the application submits to the same adopted queue from another thread; the
+ * validation layer's thread checks report any unsynchronized vkQueueSubmit. */
+static int shared_queue_runs(app *a, vkg_session *s, queue_lock *lock)
+{
+    app_thread t = {a, lock, 200, 0};
+    pthread_t tid;
+    CHECK(pthread_create(&tid, NULL, app_submitter, &t) == 0, "pthread_create");
+    unsigned before = lock->vkg_locks;
+    for (int i = 0; i < 100; i++) OK(vkg_session_run(s));
+    pthread_join(tid, NULL);
+    CHECK(t.failures == 0, "the application's submissions failed %d time(s)", t.failures);
+    CHECK(lock->vkg_locks - before == 100, "vkg took the application's queue lock once per run (%u times)",
+          lock->vkg_locks - before);
+    return 0;
+}
+
 static int adopt_run(vkg_context_desc *cd, bool timeline)
 {
     vkg_context *ctx;
@@ -558,6 +621,11 @@ static int adopt_run(vkg_context_desc *cd, bool timeline)
     OK(vkg_session_wait(s, UINT64_MAX));
     OK(vkg_session_get_output(s, "y", got, sizeof got));
     h_compare(timeline ? "adopted, timeline: y" : "adopted, fence: y", got, want_y, NULL, B * N, 1e-5, 1e-5);
+    if (cd->external.lock_queue) {
+        if (shared_queue_runs(&a, s, cd->external.queue_lock_user)) return 1;
+        OK(vkg_session_get_output(s, "y", got, sizeof got));
+        h_compare("adopted, queue shared with another thread: y", got, want_y, NULL, B * N, 1e-5, 1e-5);
+    }
     if (!timeline) {
         uint64_t v = 1;
         VkSemaphore sem = semaphore(&a, false);
@@ -651,6 +719,16 @@ static int test_adopt(void)
         cd.external.enabled_features = VKG_FEATURE_TIMELINE_SEMAPHORE;
         if (adopt_run(&cd, true)) return 1;
     }
+    /* The application's queue lock: refused half-given, then used while its thread submits too. */
+    queue_lock lock = {.mutex = PTHREAD_MUTEX_INITIALIZER};
+    cd.external.lock_queue = lock_q;
+    vkg_context *refused = NULL;
+    vkg_status st = vkg_context_create(&cd, &refused);
+    CHECK(st == VKG_ERROR_INVALID_ARGUMENT && !refused && strstr(vkg_last_error(), "unlock_queue"),
+          "lock_queue without unlock_queue is refused: %s", vkg_last_error());
+    cd.external.unlock_queue = unlock_q;
+    cd.external.queue_lock_user = &lock;
+    if (adopt_run(&cd, timeline)) return 1;
     CHECK(vkDeviceWaitIdle(dev) == VK_SUCCESS, "host device alive after vkg_context_destroy");
     vkDestroyDevice(dev, NULL);
     PFN_vkDestroyDebugUtilsMessengerEXT rm =

@@ -1,15 +1,17 @@
 /* The MoE ops through graphs built with the C writer and run in sessions, checked against the CPU
  * references in ref_moe.c: routing with its statistics, token dispatch to experts (skewed, empty
- * experts, dropped ids, many blocks), the MoE-LoRA mixing step. Every case runs twice and must be
- * bit-identical; also linear with LoRA adapters as a graph op.
- * `test_moe router|experts|lora_mix|large|lora_linear [--inject-fault]`; VKG_MATMUL_VARIANT picks
- * the grouped matmul's variant. Shaders covered: moe_route (select, stats), moe_dispatch (hist, scan,
- * scatter, combine), moe_matmul (tiled, texel, texel_k1, skinny), moe_lora. */
+ * experts, dropped ids, many blocks), the fused expert MLP against the grouped matmuls, the MoE-LoRA
+ * mixing step. Every case runs twice and must be bit-identical; also linear with LoRA adapters as a
+ * graph op. `test_moe router|experts|mlp|lora_mix|large|lora_linear [--inject-fault]`;
+ * VKG_MATMUL_VARIANT picks the grouped matmul's variant. Shaders covered: moe_route (select, stats),
+ * moe_dispatch (hist, scan, scatter, combine), moe_matmul (tiled, texel, texel_k1, skinny), moe_mlp,
+ * moe_lora. */
 #include <float.h>
 
 #include "harness.h"
 #include "ref.h"
 #include "ref_moe.h"
+#include "runtime/kernels/moe.h"
 
 typedef struct gb {
     vkg_writer *w;
@@ -208,6 +210,10 @@ static void make_routing(uint32_t T, uint32_t k, uint32_t E, int skew, uint32_t 
     free(r);
 }
 
+/* What the last run_experts recorded, and its output when keep_y is set (comparing the two paths). */
+static uint32_t last_dispatches;
+static float *keep_y;
+
 static int run_experts(vkg_context *ctx, const experts_case *ec, uint32_t seed)
 {
     uint32_t T = ec->T, D = ec->D, E = ec->E, h = ec->h, k = ec->k;
@@ -253,6 +259,8 @@ static int run_experts(vkg_context *ctx, const experts_case *ec, uint32_t seed)
     void *outs[1] = {y};
     size_t bytes[1] = {nx * 4};
     if (run_twice(s, names, outs, bytes, 1)) return 1;
+    last_dispatches = vkg_session_dispatch_count(s);
+    if (keep_y) memcpy(keep_y, y, nx * 4);
     ref_moe_experts(x, ids, g, w1, ec->b1 ? b1 : NULL, w2, ec->b2 ? b2 : NULL, ec->act == 3 ? w3 : NULL,
                     ec->res ? res : NULL, ry, T, D, k, E, h, ec->act);
     char what[160];
@@ -290,6 +298,66 @@ static int test_experts(vkg_context *ctx)
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
         if (run_experts(ctx, &cases[i], 300 + 11 * (uint32_t)i)) return 1;
+    return 0;
+}
+
+/* The fused expert MLP (moe_mlp.comp, VKG_MOE_FUSED_MLP=1) against the reference and against the two
+ * grouped matmuls (the default) on the same device: ragged tiles, one token, empty and overfull experts,
+ * dropped ids, F over several chunks and not a multiple of one, fp16 weights, the widest D (256). The
+ * dispatch count shows which path ran: moe_plan1, then moe_mlp or the two matmuls, then the
+ * combine. Widths the kernel does not take (D or F not multiples of 4, D > 256, swiglu) must take
+ * the grouped path. */
+static int test_mlp(vkg_context *ctx)
+{
+    static const experts_case cases[] = {
+        {.T = 31, .D = 64, .E = 4, .h = 96, .k = 2, .act = 2, .b1 = 1, .b2 = 1, .res = 1},
+        {.T = 1, .D = 8, .E = 4, .h = 16, .k = 1, .act = 1, .b1 = 1, .b2 = 1},
+        {.T = 17, .D = 4, .E = 3, .h = 4, .k = 1, .act = 1},
+        {.T = 23, .D = 36, .E = 5, .h = 300, .k = 2, .act = 2, .b1 = 1, .b2 = 1, .res = 1},
+        {.T = 9, .D = 256, .E = 4, .h = 1024, .k = 2, .act = 1, .b1 = 1, .b2 = 1, .res = 1},
+        {.T = 5, .D = 256, .E = 2, .h = 68, .k = 2, .act = 2, .b1 = 1, .b2 = 1, .f16 = 1},
+        {.T = 45, .D = 24, .E = 6, .h = 20, .k = 3, .act = 1, .b1 = 1, .b2 = 1, .skew = 1},
+        {.T = 60, .D = 12, .E = 4, .h = 8, .k = 2, .act = 2, .b2 = 1, .skew = 2, .res = 1},
+        {.T = 40, .D = 32, .E = 16, .h = 8, .k = 4, .act = 2, .b1 = 1},
+        {.T = 0, .D = 8, .E = 4, .h = 8, .k = 2, .act = 2},
+        /* the grouped path */
+        {.T = 7, .D = 13, .E = 4, .h = 37, .k = 2, .act = 1, .b1 = 1, .b2 = 1},
+        {.T = 11, .D = 16, .E = 3, .h = 18, .k = 2, .act = 2, .b1 = 1, .b2 = 1},
+        {.T = 3, .D = 260, .E = 2, .h = 8, .k = 1, .act = 1, .b1 = 1, .b2 = 1},
+        {.T = 50, .D = 16, .E = 8, .h = 12, .k = 2, .act = 3, .res = 1},
+    };
+    uint32_t n_fused = 0;
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        const experts_case *c = &cases[i];
+        bool fused = vkg_moe_mlp_shapes(ctx, VKG_MM_AUTO, c->D, c->h, (vkg_act)c->act);
+        n_fused += fused;
+        size_t nx = (size_t)c->T * c->D;
+        float *a = malloc(nx * 4 + 4), *b = malloc(nx * 4 + 4);
+        uint32_t seed = 700 + 13 * (uint32_t)i;
+        keep_y = a;
+        setenv("VKG_MOE_FUSED_MLP", "1", 1);
+        int r = run_experts(ctx, c, seed);
+        uint32_t d_fused = last_dispatches;
+        setenv("VKG_MOE_FUSED_MLP", "0", 1);
+        keep_y = b;
+        r = r || run_experts(ctx, c, seed);
+        unsetenv("VKG_MOE_FUSED_MLP");
+        keep_y = NULL;
+        uint32_t d_grouped = last_dispatches;
+        if (r) return 1;
+        /* T = 0 records nothing on either path */
+        uint32_t want = c->T == 0 ? 0 : fused ? 3 : c->act == 3 ? 5 : 4;
+        CHECK(d_fused == want, "mlp case %zu (D=%u F=%u act=%d): %u dispatches, expected %u (%s)", i, c->D, c->h,
+              c->act, d_fused, want, fused ? "fused" : "grouped");
+        CHECK(d_grouped == (c->T == 0 ? 0 : c->act == 3 ? 5u : 4u), "mlp case %zu: VKG_MOE_FUSED_MLP=0 recorded %u dispatches",
+              i, d_grouped);
+        /* Both paths add in the same order (one fma per element of K, ascending): equal bit for bit. */
+        CHECK(memcmp(a, b, nx * 4) == 0, "mlp case %zu: the fused and grouped paths differ", i);
+        free(a), free(b);
+    }
+    /* Where the texel matmul runs (lavapipe), the first ten cases are the fused kernel's. */
+    bool texel = vkg_matmul_default_variant(ctx) == VKG_MM_TEXEL && vkg_matmul_texel_supported(ctx);
+    CHECK(n_fused == (texel ? 10u : 0u), "mlp: %u cases took the fused kernel, expected %u", n_fused, texel ? 10u : 0u);
     return 0;
 }
 
@@ -555,11 +623,12 @@ int main(int argc, char **argv)
     if (!strcmp(op, "router")) r = test_router(ctx);
     else if (!strcmp(op, "experts")) r = test_experts(ctx);
     else if (!strcmp(op, "large")) r = test_large(ctx);
+    else if (!strcmp(op, "mlp")) r = test_mlp(ctx);
     else if (!strcmp(op, "lora_mix")) r = test_lora_mix(ctx);
     else if (!strcmp(op, "lora_linear")) r = test_lora_linear(ctx);
     else if (!strcmp(op, "invalid")) r = test_invalid(ctx);
     else {
-        fprintf(stderr, "usage: test_moe router|experts|large|lora_mix|lora_linear|invalid [--inject-fault]\n");
+        fprintf(stderr, "usage: test_moe router|experts|mlp|large|lora_mix|lora_linear|invalid [--inject-fault]\n");
         return 2;
     }
     int f = h_finish(ctx, op);

@@ -27,6 +27,8 @@ typedef struct opts {
     uint32_t n_dims;
     int runs, warmup;
     bool profile;
+    const char *adapter; /* --adapter DIR: a PEFT LoRA adapter merged in before the session */
+    float adapter_scale;
 } opts;
 
 static void free_opts(opts *o)
@@ -40,6 +42,7 @@ static int parse(int argc, char **argv, opts *o, const char *usage)
     memset(o, 0, sizeof *o);
     o->runs = 20;
     o->warmup = 3;
+    o->adapter_scale = 1.0f;
     for (int i = 0; i < argc; i++) {
         const char *a = argv[i];
         if ((!strcmp(a, "--input") || !strcmp(a, "-i")) && i + 1 < argc) {
@@ -66,6 +69,12 @@ static int parse(int argc, char **argv, opts *o, const char *usage)
         else if (!strcmp(a, "--runs") && i + 1 < argc) o->runs = atoi(argv[++i]);
         else if (!strcmp(a, "--warmup") && i + 1 < argc) o->warmup = atoi(argv[++i]);
         else if (!strcmp(a, "--profile")) o->profile = true;
+        else if (!strcmp(a, "--adapter") && i + 1 < argc) o->adapter = argv[++i];
+        else if (!strcmp(a, "--adapter-scale") && i + 1 < argc) {
+            char *end;
+            o->adapter_scale = strtof(argv[++i], &end);
+            if (*end || !isfinite(o->adapter_scale)) goto bad;
+        }
         else if (a[0] != '-' && !o->file) o->file = a;
         else goto bad;
     }
@@ -111,13 +120,30 @@ static void default_dims(const vkg_graph *g, opts *o, const vkg_npy *npys)
     }
 }
 
+/* Loads the adapter, reports what it matched on stderr and merges it; the weights stay merged
+ * after the adapter object is gone. */
+static vkg_status apply_adapter(const opts *o, vkg_model *m)
+{
+    vkg_adapter *a;
+    VKG_TRY(vkg_adapter_load(m, o->adapter, &a));
+    fprintf(stderr, "vkg: adapter %s: %u weights matched, %u unmatched\n", o->adapter, vkg_adapter_matched_count(a),
+            vkg_adapter_unmatched_count(a));
+    for (uint32_t i = 0; i < vkg_adapter_unmatched_count(a); i++) fprintf(stderr, "vkg:   unmatched %s\n", vkg_adapter_unmatched(a, i));
+    vkg_status s = vkg_model_apply_adapter(m, a, o->adapter_scale);
+    vkg_adapter_destroy(a);
+    return s;
+}
+
 static vkg_status open_model(const opts *o, vkg_context **ctx, vkg_model **m)
 {
     *ctx = NULL;
     *m = NULL;
     VKG_TRY(vkg_context_create(NULL, ctx));
     vkg_status s = vkg_model_load(*ctx, o->file, m);
+    if (s == VKG_SUCCESS && o->adapter) s = apply_adapter(o, *m);
     if (s != VKG_SUCCESS) {
+        vkg_model_destroy(*m);
+        *m = NULL;
         vkg_context_destroy(*ctx);
         *ctx = NULL;
     }
@@ -127,7 +153,7 @@ static vkg_status open_model(const opts *o, vkg_context **ctx, vkg_model **m)
 int vkg_cmd_inspect(int argc, char **argv)
 {
     opts o;
-    int r = parse(argc, argv, &o, "usage: vkg inspect FILE [--dim NAME=N ...]\n");
+    int r = parse(argc, argv, &o, "usage: vkg inspect FILE [--dim NAME=N ...] [--adapter DIR [--adapter-scale S]]\n");
     if (r) return r;
     vkg_context *ctx;
     vkg_model *m;
@@ -194,7 +220,7 @@ int vkg_cmd_inspect(int argc, char **argv)
 int vkg_cmd_run(int argc, char **argv)
 {
     opts o;
-    int r = parse(argc, argv, &o, "usage: vkg run FILE --input NAME=x.npy ... --out DIR [--dim NAME=N ...]\n");
+    int r = parse(argc, argv, &o, "usage: vkg run FILE --input NAME=x.npy ... --out DIR [--dim NAME=N ...] [--adapter DIR [--adapter-scale S]]\n");
     if (r) return r;
     if (!o.out_dir) {
         fprintf(stderr, "vkg run: --out DIR is required\n");
@@ -292,7 +318,7 @@ static double pct(const double *sorted, int n, double p)
 int vkg_cmd_bench_graph(int argc, char **argv)
 {
     opts o;
-    int r = parse(argc, argv, &o, "usage: vkg bench FILE [--runs N] [--warmup N] [--profile] [--dim NAME=N ...]\n");
+    int r = parse(argc, argv, &o, "usage: vkg bench FILE [--runs N] [--warmup N] [--profile] [--dim NAME=N ...] [--adapter DIR [--adapter-scale S]]\n");
     if (r) return r;
     vkg_context *ctx = NULL;
     vkg_model *m = NULL;

@@ -98,6 +98,8 @@ static int usage(void)
             "       vkg inspect FILE [--dim NAME=N ...]\n"
             "       vkg run FILE --input NAME=x.npy ... --out DIR [--dim NAME=N ...]\n"
             "       vkg bench FILE [--runs N] [--warmup N] [--profile] [--dim NAME=N ...]\n"
+            "         run, bench, inspect: [--adapter DIR [--adapter-scale S]] merges a PEFT LoRA adapter\n"
+            "         (adapter_model.safetensors + adapter_config.json) into the weights first\n"
             "       vkg bench --kernels [--quick] [--matmul-only | --only moe] [--variant texel|tiled|all] [--reps N] [--json FILE]\n"
             "environment: VKG_DEVICE=<index|name substring>, VKG_VALIDATION=1\n");
     return 2;

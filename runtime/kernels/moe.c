@@ -318,6 +318,68 @@ vkg_status vkg_moe_gemm(vkg_cmd *cmd, const vkg_moe_plan *plan, const vkg_moe_ge
     return vkg_cmd_dispatch_indirect(cmd, p, b, &pc, plan->args.buf, plan->args.offset + 12 * a->grid, "moe_gemm");
 }
 
+static VkFormat texel4(vkg_dtype dt);
+
+/* ---- fused expert MLP ---- */
+
+bool vkg_moe_mlp_shapes(const vkg_context *ctx, vkg_mm_variant variant, uint32_t D, uint32_t F, vkg_act act)
+{
+    if (!variant) variant = vkg_matmul_default_variant(ctx);
+    if (variant != VKG_MM_TEXEL || !vkg_matmul_texel_supported(ctx)) return false;
+    if (act != VKG_ACT_RELU && act != VKG_ACT_GELU) return false;
+    /* Each lane keeps the tile's 16 rows x D/8 outputs in registers: 512 floats at D = 256, twice
+     * the texel matmul's budget already; wider layers take the grouped matmuls. */
+    if (D == 0 || F == 0 || D % 4 || F % 4 || D > VKG_MOE_MLP_MAX_D) return false;
+    return ctx->max_texel_per_stage >= 3 && ctx->max_storage_per_stage >= 6;
+}
+
+bool vkg_moe_mlp_supported(const vkg_context *ctx, const vkg_moe_plan *plan, const vkg_moe_mlp_args *a)
+{
+    if (!vkg_moe_mlp_shapes(ctx, plan->variant, a->D, a->F, a->act)) return false;
+    const vkg_tref *t[3] = {&a->x, &a->w1, &a->w2};
+    for (int i = 0; i < 3; i++)
+        if (!t[i]->buf || t[i]->offset % 16) return false;
+    return (a->w1_dtype == VKG_DTYPE_F32 || a->w1_dtype == VKG_DTYPE_F16) &&
+           (a->w2_dtype == VKG_DTYPE_F32 || a->w2_dtype == VKG_DTYPE_F16);
+}
+
+typedef struct mlp_push {
+    uint32_t D, F, k, flags;
+} mlp_push;
+
+vkg_status vkg_moe_mlp(vkg_cmd *cmd, const vkg_moe_plan *plan, const vkg_moe_mlp_args *a)
+{
+    vkg_context *ctx = vkg_cmd_context(cmd);
+    VKG_TRY(plan_check(ctx, plan, "moe_mlp"));
+    VKG_TRY(need(a->gates, "gates", "moe_mlp"));
+    VKG_TRY(need(a->y, "y", "moe_mlp"));
+    if (!vkg_moe_mlp_supported(ctx, plan, a))
+        return vkg_fail(VKG_ERROR_UNSUPPORTED, "moe_mlp: the fused expert MLP does not take D=%u F=%u (activation %d) "
+                        "here; use the grouped matmuls", a->D, a->F, (int)a->act);
+    if (plan->P == 0) return VKG_SUCCESS;
+    uint64_t E = plan->E, D = a->D, F = a->F, T = plan->T;
+    if (E * F * D > UINT32_MAX || (uint64_t)plan->P * D > UINT32_MAX)
+        return vkg_fail(VKG_ERROR_UNSUPPORTED, "moe_mlp: an operand exceeds 2^32 elements");
+    mlp_push pc = {a->D, a->F, plan->k, (a->b1.buf ? 1u : 0u) | (a->b2.buf ? 2u : 0u) | ((uint32_t)a->act << 2)};
+    vkg_pipeline_desc pd = {.shader = "moe_mlp", .nbindings = 9, .push_size = sizeof pc, .nspec = 4,
+                            .spec = {8, (a->D + 7) / 8, 2, 4},
+                            .bindings = {VKG_BIND_UNIFORM_TEXEL, VKG_BIND_UNIFORM_TEXEL, VKG_BIND_UNIFORM_TEXEL}};
+    const vkg_pipeline *p;
+    VKG_TRY(vkg_pipeline_get(ctx, &pd, &p));
+    VkDeviceSize s1 = a->w1_dtype == VKG_DTYPE_F16 ? 2 : 4, s2 = a->w2_dtype == VKG_DTYPE_F16 ? 2 : 4;
+    vkg_tref dummy = plan->perm;
+    vkg_binding b[9] = {{a->x.buf, a->x.offset, T * D * 4, VK_FORMAT_R32G32B32A32_SFLOAT, false},
+                        {a->w1.buf, a->w1.offset, E * F * D * s1, texel4(a->w1_dtype), false},
+                        {a->w2.buf, a->w2.offset, E * D * F * s2, texel4(a->w2_dtype), false},
+                        opt(a->b1, E * F * 4, dummy),
+                        opt(a->b2, E * D * 4, dummy),
+                        {a->y.buf, a->y.offset, (VkDeviceSize)plan->P * D * 4, 0, true},
+                        {plan->perm.buf, plan->perm.offset, (VkDeviceSize)plan->P * 4, 0, false},
+                        {a->gates.buf, a->gates.offset, (VkDeviceSize)plan->P * 4, 0, false},
+                        {plan->tiles.buf, plan->tiles.offset, (VkDeviceSize)plan->max_tiles * 16, 0, false}};
+    return vkg_cmd_dispatch_indirect(cmd, p, b, &pc, plan->args.buf, plan->args.offset, "moe_mlp");
+}
+
 vkg_status vkg_moe_combine(vkg_cmd *cmd, const vkg_moe_plan *plan, const vkg_moe_combine_args *a)
 {
     vkg_context *ctx = vkg_cmd_context(cmd);

@@ -1,6 +1,7 @@
 /* Mixture-of-Experts kernels: routing (select + statistics), device-side dispatch (histogram,
  * scan, stable scatter, tile list, indirect grids), grouped matmuls over expert segments and the
- * fixed-order combine. Shaders: moe_route.comp, moe_dispatch.comp, moe_matmul.comp. */
+ * fixed-order combine, the fused expert MLP. Shaders: moe_route.comp, moe_dispatch.comp, moe_matmul.comp,
+ * moe_mlp.comp. */
 #ifndef VKG_KERNELS_MOE_H
 #define VKG_KERNELS_MOE_H
 
@@ -75,6 +76,27 @@ typedef struct vkg_moe_gemm_args {
 /* The x size of the grid of a grouped matmul with n outputs and depth k (for vkg_moe_dispatch). */
 uint32_t vkg_moe_gemm_grid_x(const vkg_context *ctx, vkg_mm_variant variant, uint32_t n, uint32_t k);
 vkg_status vkg_moe_gemm(vkg_cmd *cmd, const vkg_moe_plan *plan, const vkg_moe_gemm_args *a);
+
+/* The expert MLP in one dispatch (moe_mlp.comp): per row tile of the plan, y = gate * (act(x W1_e^T +
+ * b1_e) W2_e^T + b2_e) with the hidden activations kept in shared memory, chunk by chunk of F. */
+typedef struct vkg_moe_mlp_args {
+    vkg_tref x;                /* (T, D) token rows, gathered through the plan */
+    vkg_tref w1, b1, w2, b2;   /* (E, F, D), (E, F) optional, (E, D, F), (E, D) optional */
+    vkg_dtype w1_dtype, w2_dtype;
+    vkg_tref gates;            /* (T*k) per pair */
+    vkg_tref y;                /* (P, D) rows in position order, for vkg_moe_combine */
+    uint32_t D, F;
+    vkg_act act;               /* relu or gelu */
+} vkg_moe_mlp_args;
+/* Whether the fused kernel takes these widths on this device with this plan variant: the texel
+ * variant (subgroups of 8: lavapipe), D and F multiples of 4, D <= VKG_MOE_MLP_MAX_D, relu/gelu.
+ * Everything else (GPUs' tiled variant, SwiGLU, other widths) takes the grouped matmuls. */
+enum { VKG_MOE_MLP_MAX_D = 256, VKG_MOE_MLP_GRID_X = 1 };
+bool vkg_moe_mlp_shapes(const vkg_context *ctx, vkg_mm_variant variant, uint32_t D, uint32_t F, vkg_act act);
+/* As vkg_moe_mlp_shapes, and the operands' offsets allow vec4 texel views. */
+bool vkg_moe_mlp_supported(const vkg_context *ctx, const vkg_moe_plan *plan, const vkg_moe_mlp_args *a);
+/* The plan's indirect grid 0 must have x = VKG_MOE_MLP_GRID_X (one workgroup per 16-row tile). */
+vkg_status vkg_moe_mlp(vkg_cmd *cmd, const vkg_moe_plan *plan, const vkg_moe_mlp_args *a);
 
 typedef struct vkg_moe_combine_args {
     vkg_tref ids, rows, gates, residual, bias, scale, y; /* rows (P, D) by position; y (T, D) */
