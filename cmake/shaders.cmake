@@ -6,6 +6,8 @@ function(vkg_add_shader out_list)
   set(spv ${CMAKE_CURRENT_BINARY_DIR}/${S_NAME}.spv)
   set(hdr ${CMAKE_CURRENT_BINARY_DIR}/${S_NAME}.spv.h)
   set(defs "")
+  # Any change to a shared include rebuilds every blob: a handful of small shaders.
+  file(GLOB includes ${CMAKE_CURRENT_SOURCE_DIR}/*.glsl)
   foreach(d ${S_DEFINES})
     list(APPEND defs "-D${d}")
   endforeach()
@@ -16,7 +18,7 @@ function(vkg_add_shader out_list)
     COMMAND ${SPIRV_VAL} --target-env vulkan1.1 ${spv}
     COMMAND ${GLSLANG} --quiet -V --target-env vulkan1.1 ${defs} -I${CMAKE_CURRENT_SOURCE_DIR}
             --vn vkg_spv_${S_NAME} -o ${hdr} ${CMAKE_CURRENT_SOURCE_DIR}/${S_SOURCE}
-    DEPENDS ${CMAKE_CURRENT_SOURCE_DIR}/${S_SOURCE} ${CMAKE_CURRENT_SOURCE_DIR}/common.glsl
+    DEPENDS ${CMAKE_CURRENT_SOURCE_DIR}/${S_SOURCE} ${includes}
     COMMENT "GLSL -> SPIR-V (validated): ${S_NAME}"
     VERBATIM)
   set(${out_list} ${${out_list}} ${hdr} PARENT_SCOPE)

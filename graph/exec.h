@@ -25,6 +25,9 @@ struct vkg_session {
     vkg_buf **bound;     /* per tensor: an application VkBuffer (vkg_session_bind_buffer) replacing own, or NULL */
     vkg_tref *scratch;        /* per node: its scratch memory in the arena */
     uint64_t *scratch_bytes;  /* per node */
+    /* per node, or UINT32_MAX: a moe_router's moe_experts node whose plan it records (plan_to), and
+     * that node's router (plan_from); see fuse_route_plan in session.c */
+    uint32_t *plan_to, *plan_from;
     vkg_cmd *cmd;
     uint64_t planned, unshared;
     double flops;

@@ -35,6 +35,11 @@ typedef struct vkg_op_call {
     const vkg_rt_tensor *const *out; /* node->n_outputs entries */
     vkg_tref scratch;                /* the op's scratch bytes, private to this node's dispatches */
     uint64_t scratch_bytes;
+    /* Set by the session where a moe_router's ids feed exactly one moe_experts node and both fit one
+     * workgroup: the router also records that node's dispatch plan (plan_for is the experts node's
+     * call, its scratch alive from the router on), and the experts node skips it (plan_recorded). */
+    const struct vkg_op_call *plan_for;
+    bool plan_recorded;
 } vkg_op_call;
 
 typedef struct vkg_op_def {

@@ -144,6 +144,8 @@ double vkg_moe_router_flops(const vkg_ir_node *n, const vkg_shape *const *in, co
     return 2.0 * (double)rows_of(in[0]) * (double)in[1]->dims[0] * (double)in[1]->dims[1];
 }
 
+static vkg_status experts_plan(const vkg_op_call *c, vkg_moe_plan *plan, uint32_t grids[4]);
+
 vkg_status vkg_moe_router_record(const vkg_op_call *c)
 {
     const vkg_ir_node *n = c->node;
@@ -166,7 +168,15 @@ vkg_status vkg_moe_router_record(const vkg_op_call *c)
                               .gates_are_scores = strcmp(attr_s(n, "gates", "softmax_topk"), "score") == 0,
                               .renorm = attr_i(n, "renorm", 0) != 0, .temperature = temp,
                               .scale = (float)attr_f(n, "scale", 1.0)};
-    if (c->node->n_outputs <= 2) return vkg_moe_select(c->cmd, &sa);
+    if (c->node->n_outputs <= 2) {
+        /* The session does not fuse these (selection spans many workgroups); record the plan after. */
+        VKG_TRY(vkg_moe_select(c->cmd, &sa));
+        if (!c->plan_for) return VKG_SUCCESS;
+        vkg_moe_plan plan;
+        uint32_t grids[4];
+        VKG_TRY(experts_plan(c->plan_for, &plan, grids));
+        return vkg_moe_dispatch(c->cmd, sa.ids, &plan, grids);
+    }
     /* Statistics the graph does not ask for land in the dump area. */
     vkg_tref st[5];
     uint64_t dump = s.offset + L.dump, sizes[5] = {E, E, C, 1, 1};
@@ -174,6 +184,12 @@ vkg_status vkg_moe_router_record(const vkg_op_call *c)
         if (2 + i < c->node->n_outputs) st[i] = c->out[2 + i]->ref;
         else st[i] = (vkg_tref){s.buf, dump};
         dump += (sizes[i] * 4 + 15) / 16 * 16;
+    }
+    if (c->plan_for) {
+        vkg_moe_plan plan;
+        uint32_t grids[4];
+        VKG_TRY(experts_plan(c->plan_for, &plan, grids));
+        return vkg_moe_route_plan(c->cmd, &sa, st, &plan, grids);
     }
     return vkg_moe_route(c->cmd, &sa, st);
 }
@@ -282,40 +298,86 @@ static bool fused_mlp_allowed(void)
     return e && strcmp(e, "1") == 0;
 }
 
-vkg_status vkg_moe_experts_record(const vkg_op_call *c)
+/* What moe_experts records for call c, decided once for the node and for a router that records its
+ * plan (vkg_op_call.plan_for): the plan in its scratch, the fused MLP or not, the grids. */
+typedef struct experts_prep {
+    uint64_t T, k;
+    uint32_t E, h, D;
+    int64_t act;
+    bool empty, mlp;
+    experts_scratch L;
+    vkg_moe_plan plan;
+    vkg_moe_mlp_args ma;
+    uint32_t grids[4];
+} experts_prep;
+
+static vkg_status experts_prepare(const vkg_op_call *c, experts_prep *p)
 {
     vkg_context *ctx = vkg_cmd_context(c->cmd);
     const vkg_rt_tensor *const *in = c->in;
-    uint64_t T = rows_of(&in[EX_X]->shape), k = (uint64_t)in[EX_IDS]->shape.dims[in[EX_IDS]->shape.rank - 1];
-    uint32_t E = (uint32_t)in[EX_W1]->shape.dims[0], h = (uint32_t)in[EX_W1]->shape.dims[1],
-             D = (uint32_t)in[EX_W1]->shape.dims[2];
-    int64_t act = attr_i(c->node, "activation", 2);
-    if (T * k > UINT32_MAX / 2) return vkg_fail(VKG_ERROR_UNSUPPORTED, "moe_experts: %llu pairs", (unsigned long long)(T * k));
-    if (T == 0 || D == 0) return VKG_SUCCESS;
-    vkg_moe_plan plan;
-    experts_scratch L = experts_layout(ctx, T, k, E, h, D, &plan, c->scratch);
-    if (L.total > c->scratch_bytes)
+    memset(p, 0, sizeof *p);
+    p->T = rows_of(&in[EX_X]->shape);
+    p->k = (uint64_t)in[EX_IDS]->shape.dims[in[EX_IDS]->shape.rank - 1];
+    p->E = (uint32_t)in[EX_W1]->shape.dims[0];
+    p->h = (uint32_t)in[EX_W1]->shape.dims[1];
+    p->D = (uint32_t)in[EX_W1]->shape.dims[2];
+    p->act = attr_i(c->node, "activation", 2);
+    if (p->T * p->k > UINT32_MAX / 2)
+        return vkg_fail(VKG_ERROR_UNSUPPORTED, "moe_experts: %llu pairs", (unsigned long long)(p->T * p->k));
+    p->empty = p->T == 0 || p->D == 0;
+    if (p->empty) return VKG_SUCCESS;
+    p->L = experts_layout(ctx, p->T, p->k, p->E, p->h, p->D, &p->plan, c->scratch);
+    if (p->L.total > c->scratch_bytes)
         return vkg_fail(VKG_ERROR_INVALID_ARGUMENT, "moe_experts: scratch of %llu bytes, %llu needed",
-                        (unsigned long long)c->scratch_bytes, (unsigned long long)L.total);
-    vkg_tref hidden = {c->scratch.buf, c->scratch.offset + L.hidden}, pair_out = {c->scratch.buf, c->scratch.offset + L.pair_out};
+                        (unsigned long long)c->scratch_bytes, (unsigned long long)p->L.total);
+    vkg_tref pair_out = {c->scratch.buf, c->scratch.offset + p->L.pair_out};
+    p->ma = (vkg_moe_mlp_args){.x = in[EX_X]->ref, .w1 = in[EX_W1]->ref, .w1_dtype = in[EX_W1]->dtype,
+                               .b1 = in[EX_B1] ? in[EX_B1]->ref : (vkg_tref){0}, .w2 = in[EX_W2]->ref,
+                               .w2_dtype = in[EX_W2]->dtype, .b2 = in[EX_B2] ? in[EX_B2]->ref : (vkg_tref){0},
+                               .gates = in[EX_GATES]->ref, .y = pair_out, .D = p->D, .F = p->h, .act = (vkg_act)p->act};
+    p->mlp = fused_mlp_allowed() && vkg_moe_mlp_supported(ctx, &p->plan, &p->ma);
+    if (p->mlp) {
+        p->grids[0] = VKG_MOE_MLP_GRID_X;
+    } else {
+        p->grids[0] = vkg_moe_gemm_grid_x(ctx, p->plan.variant, p->h, p->D);
+        p->grids[1] = vkg_moe_gemm_grid_x(ctx, p->plan.variant, p->D, p->h);
+    }
+    return VKG_SUCCESS;
+}
+
+/* The plan of experts call c and its grids, for the router that records it. */
+static vkg_status experts_plan(const vkg_op_call *c, vkg_moe_plan *plan, uint32_t grids[4])
+{
+    experts_prep ep;
+    VKG_TRY(experts_prepare(c, &ep));
+    /* The session fuses only where the experts have work: the pairs fit one plan1 workgroup. */
+    if (ep.empty) return vkg_fail(VKG_ERROR_INVALID_ARGUMENT, "moe_router: its experts node has no work to plan");
+    *plan = ep.plan;
+    memcpy(grids, ep.grids, sizeof ep.grids);
+    return VKG_SUCCESS;
+}
+
+vkg_status vkg_moe_experts_record(const vkg_op_call *c)
+{
+    const vkg_rt_tensor *const *in = c->in;
+    experts_prep ep;
+    VKG_TRY(experts_prepare(c, &ep));
+    if (ep.empty) return VKG_SUCCESS;
+    const vkg_moe_plan *plan = &ep.plan;
+    uint32_t h = ep.h, D = ep.D;
+    int64_t act = ep.act;
+    vkg_tref hidden = {c->scratch.buf, c->scratch.offset + ep.L.hidden}, pair_out = ep.ma.y;
     vkg_moe_combine_args cb = {.ids = in[EX_IDS]->ref, .rows = pair_out, .residual = in[EX_RES] ? in[EX_RES]->ref : (vkg_tref){0},
                                .y = c->out[0]->ref, .D = D};
-    vkg_moe_mlp_args ma = {.x = in[EX_X]->ref, .w1 = in[EX_W1]->ref, .w1_dtype = in[EX_W1]->dtype,
-                           .b1 = in[EX_B1] ? in[EX_B1]->ref : (vkg_tref){0}, .w2 = in[EX_W2]->ref,
-                           .w2_dtype = in[EX_W2]->dtype, .b2 = in[EX_B2] ? in[EX_B2]->ref : (vkg_tref){0},
-                           .gates = in[EX_GATES]->ref, .y = pair_out, .D = D, .F = h, .act = (vkg_act)act};
-    if (fused_mlp_allowed() && vkg_moe_mlp_supported(ctx, &plan, &ma)) {
-        uint32_t grid[4] = {VKG_MOE_MLP_GRID_X, 0, 0, 0};
-        VKG_TRY(vkg_moe_dispatch(c->cmd, in[EX_IDS]->ref, &plan, grid));
-        VKG_TRY(vkg_moe_mlp(c->cmd, &plan, &ma));
-        return vkg_moe_combine(c->cmd, &plan, &cb);
+    if (!c->plan_recorded) VKG_TRY(vkg_moe_dispatch(c->cmd, in[EX_IDS]->ref, plan, ep.grids));
+    if (ep.mlp) {
+        VKG_TRY(vkg_moe_mlp(c->cmd, plan, &ep.ma));
+        return vkg_moe_combine(c->cmd, plan, &cb);
     }
-    uint32_t grids[4] = {vkg_moe_gemm_grid_x(ctx, plan.variant, h, D), vkg_moe_gemm_grid_x(ctx, plan.variant, D, h), 0, 0};
-    VKG_TRY(vkg_moe_dispatch(c->cmd, in[EX_IDS]->ref, &plan, grids));
     vkg_moe_gemm_args f1 = {.x = in[EX_X]->ref, .ldx = D, .gather = true, .w = in[EX_W1]->ref, .w_dtype = in[EX_W1]->dtype,
                             .bias = in[EX_B1] ? in[EX_B1]->ref : (vkg_tref){0}, .y = hidden, .n = h, .k = D,
-                            .act = act == 3 ? VKG_ACT_SILU : (vkg_act)act, .grid = 0, .x_rows = (uint32_t)T};
-    VKG_TRY(vkg_moe_gemm(c->cmd, &plan, &f1));
+                            .act = act == 3 ? VKG_ACT_SILU : (vkg_act)act, .grid = 0, .x_rows = (uint32_t)ep.T};
+    VKG_TRY(vkg_moe_gemm(c->cmd, plan, &f1));
     if (act == 3) {
         vkg_moe_gemm_args f3 = f1;
         f3.w = in[EX_W3]->ref;
@@ -323,13 +385,13 @@ vkg_status vkg_moe_experts_record(const vkg_op_call *c)
         f3.bias = (vkg_tref){0};
         f3.act = VKG_ACT_NONE;
         f3.mul_into_y = true;
-        VKG_TRY(vkg_moe_gemm(c->cmd, &plan, &f3));
+        VKG_TRY(vkg_moe_gemm(c->cmd, plan, &f3));
     }
     vkg_moe_gemm_args f2 = {.x = hidden, .ldx = h, .w = in[EX_W2]->ref, .w_dtype = in[EX_W2]->dtype,
                             .bias = in[EX_B2] ? in[EX_B2]->ref : (vkg_tref){0}, .gates = in[EX_GATES]->ref,
-                            .y = pair_out, .n = D, .k = h, .grid = 1, .x_rows = plan.P};
-    VKG_TRY(vkg_moe_gemm(c->cmd, &plan, &f2));
-    return vkg_moe_combine(c->cmd, &plan, &cb);
+                            .y = pair_out, .n = D, .k = h, .grid = 1, .x_rows = plan->P};
+    VKG_TRY(vkg_moe_gemm(c->cmd, plan, &f2));
+    return vkg_moe_combine(c->cmd, plan, &cb);
 }
 
 /* ---- moe_lora_mix ---- */

@@ -4,6 +4,7 @@
 #include <string.h>
 
 #include "graph/exec.h"
+#include "runtime/kernels/moe.h"
 
 static vkg_status sess_fail(const vkg_session *s, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 static vkg_status sess_fail(const vkg_session *s, const char *fmt, ...)
@@ -89,6 +90,43 @@ static vkg_status infer_shapes(vkg_session *s, const vkg_session_desc *d)
         if (op->flops) s->flops += op->flops(node, in, &out[0]);
     }
     return VKG_SUCCESS;
+}
+
+/* Where a moe_router with statistics has its ids read by one moe_experts node only and both the
+ * routing and the dispatch plan fit one workgroup, the router records the plan too
+ * (vkg_moe_route_plan): a dispatch and a barrier fewer per MoE layer. The experts node's scratch,
+ * which holds the plan, then lives from the router on. VKG_MOE_FUSED_ROUTE_PLAN=0 keeps them apart
+ * (for comparisons). */
+static void fuse_route_plan(vkg_session *s)
+{
+    const vkg_graph *g = s->model->g;
+    for (uint32_t n = 0; n < g->n_nodes; n++) s->plan_to[n] = s->plan_from[n] = UINT32_MAX;
+    const char *env = getenv("VKG_MOE_FUSED_ROUTE_PLAN");
+    if (env && strcmp(env, "0") == 0) return;
+    for (uint32_t r = 0; r < g->n_nodes; r++) {
+        /* Only a router with statistics selects in one workgroup (moe_route1); without, selection
+         * spreads over T / 64 workgroups, which a one-workgroup fusion would give up. */
+        if (strcmp(g->nodes[r].op, "moe_router") != 0 || g->nodes[r].n_outputs <= 2) continue;
+        uint32_t ids = g->nodes[r].outputs[0], reader = UINT32_MAX, uses = 0;
+        for (uint32_t n = 0; n < g->n_nodes; n++)
+            for (uint32_t i = 0; i < g->nodes[n].n_inputs; i++)
+                if (g->nodes[n].inputs[i] == ids) {
+                    reader = n;
+                    uses++;
+                }
+        /* One use, as the experts' ids (input 1), after the router (a valid graph is in order). */
+        if (uses != 1 || reader <= r || strcmp(g->nodes[reader].op, "moe_experts") != 0 ||
+            g->nodes[reader].inputs[1] != ids || !s->scratch_bytes[reader])
+            continue;
+        const vkg_shape *is = &s->rt[ids].shape, *w1 = &s->rt[g->nodes[reader].inputs[3]].shape;
+        int64_t k = is->dims[is->rank - 1];
+        uint64_t T = k ? vkg_shape_numel(is) / (uint64_t)k : 0;
+        if (T > UINT32_MAX || w1->dims[2] == 0 || !vkg_moe_route_plan_fits(s->model->ctx, (uint32_t)T, (uint32_t)k,
+                                                                           (uint32_t)w1->dims[0]))
+            continue;
+        s->plan_to[r] = reader;
+        s->plan_from[reader] = r;
+    }
 }
 
 typedef struct live {
@@ -196,7 +234,7 @@ static vkg_status plan_memory(vkg_session *s)
     /* A node's scratch lives for that node only; it takes a pseudo tensor id past the real ones. */
     for (uint32_t n = 0; n < g->n_nodes; n++)
         if (s->scratch_bytes[n]) {
-            lv[nl++] = (live){nt + n, s->scratch_bytes[n], 0, n, n};
+            lv[nl++] = (live){nt + n, s->scratch_bytes[n], 0, s->plan_from[n] != UINT32_MAX ? s->plan_from[n] : n, n};
             s->unshared += s->scratch_bytes[n];
         }
     /* Greedy by decreasing size: each tensor takes the lowest aligned offset that overlaps no
@@ -261,7 +299,20 @@ static vkg_status record_graph(vkg_session *s, vkg_cmd **cmd_out, uint32_t **nod
         for (uint32_t i = 0; i < node->n_outputs; i++) outs[i] = &s->rt[node->outputs[i]];
         uint32_t before = vkg_cmd_dispatch_count(cmd);
         if (op->record_call) {
-            vkg_op_call call = {cmd, node, in, outs, s->scratch[n], s->scratch_bytes[n]};
+            vkg_op_call call = {cmd, node, in, outs, s->scratch[n], s->scratch_bytes[n], NULL,
+                                s->plan_from[n] != UINT32_MAX};
+            const vkg_rt_tensor *pin[64], *pout[64];
+            vkg_op_call plan_call;
+            uint32_t x = s->plan_to[n];
+            if (x != UINT32_MAX) {
+                const vkg_ir_node *xn = &g->nodes[x];
+                const vkg_op_def *xop = vkg_op_find(xn->op);
+                for (uint32_t i = 0; i < xop->max_inputs; i++)
+                    pin[i] = i < xn->n_inputs && xn->inputs[i] != VKG_IR_NONE ? &s->rt[xn->inputs[i]] : NULL;
+                for (uint32_t i = 0; i < xn->n_outputs; i++) pout[i] = &s->rt[xn->outputs[i]];
+                plan_call = (vkg_op_call){cmd, xn, pin, pout, s->scratch[x], s->scratch_bytes[x], NULL, false};
+                call.plan_for = &plan_call;
+            }
             st = op->record_call(&call);
         } else {
             st = op->record(cmd, node, in, outs[0]);
@@ -343,10 +394,13 @@ vkg_status vkg_session_create(vkg_model *model, const vkg_session_desc *desc, vk
     s->bound = calloc(nt ? nt : 1, sizeof *s->bound);
     s->scratch = calloc(model->g->n_nodes + 1, sizeof *s->scratch);
     s->scratch_bytes = calloc(model->g->n_nodes + 1, sizeof *s->scratch_bytes);
-    vkg_status st = s->rt && s->root && s->own && s->bound && s->scratch && s->scratch_bytes
-                        ? VKG_SUCCESS : vkg_fail(VKG_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+    s->plan_to = calloc(model->g->n_nodes + 1, sizeof *s->plan_to);
+    s->plan_from = calloc(model->g->n_nodes + 1, sizeof *s->plan_from);
+    bool got = s->rt && s->root && s->own && s->bound && s->scratch && s->scratch_bytes && s->plan_to && s->plan_from;
+    vkg_status st = got ? VKG_SUCCESS : vkg_fail(VKG_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
     if (st == VKG_SUCCESS) st = vkg_context_alive(model->ctx, "vkg_session_create");
     if (st == VKG_SUCCESS) st = infer_shapes(s, &d);
+    if (st == VKG_SUCCESS) fuse_route_plan(s);
     if (st == VKG_SUCCESS) st = plan_memory(s);
     if (st == VKG_SUCCESS) st = record(s);
     if (st == VKG_SUCCESS) st = create_sync(s);
@@ -380,6 +434,8 @@ void vkg_session_destroy(vkg_session *s)
     free(s->bound);
     free(s->scratch);
     free(s->scratch_bytes);
+    free(s->plan_to);
+    free(s->plan_from);
     free(s->rt);
     free(s->root);
     free(s->dispatch_node);

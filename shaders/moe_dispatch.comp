@@ -126,59 +126,20 @@ void main()
 #endif
 
 #ifdef VKG_MOE_PLAN1
-// Same outputs and order as HIST -> SCAN -> SCATTER (hist is not needed: one block).
 layout(std430, binding = 0) readonly buffer Ids { int ids[]; };
 layout(std430, binding = 1) writeonly buffer Tiles { uvec4 tiles[]; };
 layout(std430, binding = 2) writeonly buffer Args { uint args[]; };
 layout(std430, binding = 3) writeonly buffer Seg { uint seg[]; };
 layout(std430, binding = 4) writeonly buffer Perm { uint perm[]; };
 layout(std430, binding = 5) writeonly buffer Inv { uint inv[]; };
-const uint PLAN1_PAIRS = 1024u, PLAN1_EXPERTS = 256u; // = VKG_MOE_PLAN1_* in moe.h
-shared int sid1[PLAN1_PAIRS];
-shared uint cnt1[PLAN1_EXPERTS];
-shared uint start1[PLAN1_EXPERTS];
-shared uint tile1[PLAN1_EXPERTS];
-void main()
-{
-    uint lane = gl_LocalInvocationID.x, W = gl_WorkGroupSize.x;
-    for (uint i = lane; i < pc.P_; i += W) sid1[i] = ids[i];
-    barrier();
-    for (uint e = lane; e < pc.E; e += W) {
-        uint n = 0u;
-        for (uint i = 0u; i < pc.P_; i++) n += sid1[i] == int(e) ? 1u : 0u;
-        cnt1[e] = n;
-    }
-    barrier();
-    if (lane == 0u) {
-        uint off = 0u, ntiles = 0u;
-        for (uint e = 0u; e < pc.E; e++) {
-            start1[e] = off;
-            tile1[e] = ntiles;
-            seg[e] = off;
-            off += cnt1[e];
-            ntiles += (cnt1[e] + pc.tile_m - 1u) / pc.tile_m;
-        }
-        seg[pc.E] = off;
-        for (uint g = 0u; g < 4u; g++) {
-            args[3u * g] = pc.grids[g];
-            args[3u * g + 1u] = ntiles;
-            args[3u * g + 2u] = 1u;
-        }
-    }
-    barrier();
-    for (uint e = lane; e < pc.E; e += W) {
-        uint pos = start1[e], end = pos + cnt1[e], tile = tile1[e];
-        for (uint r = pos; r < end; r += pc.tile_m) tiles[tile++] = uvec4(e, r, min(r + pc.tile_m, end), 0u);
-        for (uint i = 0u; i < pc.P_; i++) {
-            if (sid1[i] != int(e)) continue;
-            perm[pos] = i;
-            inv[i] = pos;
-            pos++;
-        }
-    }
-    for (uint i = lane; i < pc.P_; i += W)
-        if (sid1[i] < 0 || sid1[i] >= int(pc.E)) inv[i] = ~0u;
-}
+#define PLAN_ID(i) ids[i]
+#define PLAN_TILE(i, v) tiles[i] = (v)
+#define PLAN_ARG(i, v) args[i] = (v)
+#define PLAN_SEG(i, v) seg[i] = (v)
+#define PLAN_PERM(i, v) perm[i] = (v)
+#define PLAN_INV(i, v) inv[i] = (v)
+#include "moe_plan1.glsl"
+void main() { plan1(pc.P_, pc.E, pc.tile_m, pc.grids); }
 #endif
 
 #ifdef VKG_MOE_COMBINE

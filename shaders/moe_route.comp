@@ -3,7 +3,9 @@
 // MoE routing: top-k selection with gates (VKG_MOE_SELECT, one invocation per token), the
 // routing statistics (VKG_MOE_STATS, one workgroup), and both in one workgroup (VKG_MOE_ROUTE1, for
 // up to VKG_MOE_ROUTE1_TOKENS tokens: a decoder's routers are latency-bound, and a dispatch and a
-// barrier fewer count there). Logits z = router logits / temperature.
+// barrier fewer count there), and ROUTE1 followed in the same workgroup by the dispatch plan of the
+// experts that read the ids (VKG_MOE_ROUTE_PLAN1, moe_plan1.glsl): one more dispatch and barrier
+// fewer per MoE layer. Logits z = router logits / temperature.
 // Selection compares logits, ties going to the lower column: the strict '>' below scans columns in
 // ascending order. Statistics reduce in a fixed order (tokens ascending per lane, then a fixed tree),
 // so they are bit-identical run to run; no atomics.
@@ -16,12 +18,21 @@ layout(push_constant) uniform P {
     uint flags;        // bit0 sigmoid score, bit1 gates = score (else softmax over the k), bit2 renorm
     float inv_temp, scale;
     uint gx;
+#ifdef VKG_MOE_ROUTE_PLAN1
+    // The plan: pairs, experts, rows per tile, then where tiles, args, seg, perm and inv start in
+    // the plan binding (in words), then the column tiles of up to four grouped matmuls.
+    uint P, E, tile_m, o_tiles;
+    uint o_args, o_seg, o_perm, o_inv;
+    uvec4 grids;
+#endif
 } pc;
 
 layout(std430, binding = 0) readonly buffer Z { float logits[]; };
 
 // Bindings: 0 logits; SELECT 1 ids, 2 gates, 3 lse; STATS 1 ids, 2 lse, 3.. statistics; ROUTE1 1 ids,
-// 2 gates, 3 lse, 4.. statistics. ROUTE1 reads back what its own lanes wrote: coherent + barriers.
+// 2 gates, 3 lse, 4.. statistics; ROUTE_PLAN1 as ROUTE1, then 9 the whole plan (one binding for
+// its five arrays keeps the kernel within 12 bindings). ROUTE1 reads back what its own lanes wrote:
+// coherent + barriers.
 #if defined(VKG_MOE_SELECT)
 layout(std430, binding = 1) writeonly buffer Ids { int ids[]; };
 layout(std430, binding = 2) writeonly buffer G { float gates[]; };
@@ -152,11 +163,26 @@ void main()
 #elif defined(VKG_MOE_STATS)
 void main() { statistics(); }
 #else
+#ifdef VKG_MOE_ROUTE_PLAN1
+layout(std430, binding = 9) writeonly buffer Plan { uint plan[]; };
+#define PLAN_ID(i) ids[i]
+#define PLAN_TILE(i, v) { uvec4 tv_ = (v); uint o_ = pc.o_tiles + 4u * (i); \
+    plan[o_] = tv_.x; plan[o_ + 1u] = tv_.y; plan[o_ + 2u] = tv_.z; plan[o_ + 3u] = tv_.w; }
+#define PLAN_ARG(i, v) plan[pc.o_args + (i)] = (v)
+#define PLAN_SEG(i, v) plan[pc.o_seg + (i)] = (v)
+#define PLAN_PERM(i, v) plan[pc.o_perm + (i)] = (v)
+#define PLAN_INV(i, v) plan[pc.o_inv + (i)] = (v)
+#include "moe_plan1.glsl"
+#endif
 void main()
 {
     for (uint t = gl_LocalInvocationID.x; t < pc.T; t += gl_WorkGroupSize.x) select_token(t);
     memoryBarrierBuffer();
     barrier();
     statistics();
+#ifdef VKG_MOE_ROUTE_PLAN1
+    // The ids are visible to every lane since the barrier above (statistics read them too).
+    plan1(pc.P, pc.E, pc.tile_m, pc.grids);
+#endif
 }
 #endif

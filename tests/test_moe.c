@@ -1,11 +1,12 @@
 /* The MoE ops through graphs built with the C writer and run in sessions, checked against the CPU
  * references in ref_moe.c: routing with its statistics, token dispatch to experts (skewed, empty
  * experts, dropped ids, many blocks), the fused expert MLP against the grouped matmuls, the MoE-LoRA
- * mixing step. Every case runs twice and must be bit-identical; also linear with LoRA adapters as a
- * graph op. `test_moe router|experts|mlp|lora_mix|large|lora_linear [--inject-fault]`;
- * VKG_MATMUL_VARIANT picks the grouped matmul's variant. Shaders covered: moe_route (select, stats),
- * moe_dispatch (hist, scan, scatter, combine), moe_matmul (tiled, texel, texel_k1, skinny), moe_mlp,
- * moe_lora. */
+ * mixing step, the router recording its experts' dispatch plan (route_plan). Every case runs twice
+ * and must be bit-identical; also linear with LoRA adapters as a graph op.
+ * `test_moe router|experts|mlp|lora_mix|large|lora_linear|route_plan [--inject-fault]`;
+ * VKG_MATMUL_VARIANT picks the grouped matmul's variant. Shaders covered: moe_route (select, stats,
+ * route1, route_plan1), moe_dispatch (hist, scan, scatter, plan1, combine), moe_matmul (tiled, texel,
+ * texel_k1, skinny), moe_mlp, moe_lora. */
 #include <float.h>
 
 #include "harness.h"
@@ -612,6 +613,156 @@ static int test_invalid(vkg_context *ctx)
     return 0;
 }
 
+/* ---- router and plan in one dispatch ---- */
+
+typedef struct route_plan_case {
+    uint32_t T, D, C, first, k, h;
+    int sigmoid, shared; /* shared: a second moe_experts reads the ids too, so the plan cannot fuse */
+    int nostats;         /* a router without statistics outputs: its selection spans many workgroups */
+    int fused;           /* expected: the router records the experts' plan (moe_route_plan1) */
+} route_plan_case;
+
+/* Builds x -> moe_router -> moe_experts (and a second experts node on the same ids when shared),
+ * with every routing output a graph output. */
+static vkg_model *route_plan_graph(vkg_context *ctx, const route_plan_case *rc, float *w, float *bias, float *w1,
+                                   float *b1, float *w2, float *b2)
+{
+    uint32_t T = rc->T, D = rc->D, C = rc->C, k = rc->k, E = C - rc->first, h = rc->h;
+    gb b;
+    vkg_writer_create(&b.w);
+    int64_t xd[2] = {T, D}, wd[2] = {C, D}, bd[1] = {C}, kd[2] = {T, k}, ed[1] = {E}, cd[1] = {C}, one[1] = {1},
+            w1d[3] = {E, h, D}, w2d[3] = {E, D, h}, b1d[2] = {E, h}, b2d[2] = {E, D};
+    uint32_t x = tensor(&b, "x", VKG_DTYPE_F32, VKG_ROLE_INPUT, 2, xd, NULL);
+    uint32_t in[3] = {x, tensor(&b, "w", VKG_DTYPE_F32, VKG_ROLE_CONSTANT, 2, wd, w),
+                      tensor(&b, "b", VKG_DTYPE_F32, VKG_ROLE_CONSTANT, 1, bd, bias)};
+    uint32_t out[7] = {tensor(&b, "ids", VKG_DTYPE_I32, VKG_ROLE_OUTPUT, 2, kd, NULL),
+                       tensor(&b, "gates", VKG_DTYPE_F32, VKG_ROLE_OUTPUT, 2, kd, NULL)};
+    if (!rc->nostats) {
+        out[2] = tensor(&b, "counts", VKG_DTYPE_F32, VKG_ROLE_OUTPUT, 1, ed, NULL);
+        out[3] = tensor(&b, "fraction", VKG_DTYPE_F32, VKG_ROLE_OUTPUT, 1, ed, NULL);
+        out[4] = tensor(&b, "mean_score", VKG_DTYPE_F32, VKG_ROLE_OUTPUT, 1, cd, NULL);
+        out[5] = tensor(&b, "load_balance", VKG_DTYPE_F32, VKG_ROLE_OUTPUT, 1, one, NULL);
+        out[6] = tensor(&b, "z_loss", VKG_DTYPE_F32, VKG_ROLE_OUTPUT, 1, one, NULL);
+    }
+    vkg_writer_attr at[3] = {{.name = "k", .type = VKG_ATTR_INT, .i = k},
+                             {.name = "first", .type = VKG_ATTR_INT, .i = rc->first},
+                             {.name = "score", .type = VKG_ATTR_STRING, .s = rc->sigmoid ? "sigmoid" : "softmax"}};
+    if (vkg_writer_add_node(b.w, "moe_router", "router", in, 3, out, rc->nostats ? 2 : 7, at, 3) != VKG_SUCCESS)
+        return NULL;
+    uint32_t ein[7] = {x, out[0], out[1], tensor(&b, "w1", VKG_DTYPE_F32, VKG_ROLE_CONSTANT, 3, w1d, w1),
+                       tensor(&b, "b1", VKG_DTYPE_F32, VKG_ROLE_CONSTANT, 2, b1d, b1),
+                       tensor(&b, "w2", VKG_DTYPE_F32, VKG_ROLE_CONSTANT, 3, w2d, w2),
+                       tensor(&b, "b2", VKG_DTYPE_F32, VKG_ROLE_CONSTANT, 2, b2d, b2)};
+    uint32_t y = tensor(&b, "y", VKG_DTYPE_F32, VKG_ROLE_OUTPUT, 2, xd, NULL);
+    vkg_writer_attr act = {.name = "activation", .type = VKG_ATTR_INT, .i = 2};
+    if (vkg_writer_add_node(b.w, "moe_experts", "experts", ein, 7, &y, 1, &act, 1) != VKG_SUCCESS) return NULL;
+    if (rc->shared) {
+        uint32_t y2 = tensor(&b, "y2", VKG_DTYPE_F32, VKG_ROLE_OUTPUT, 2, xd, NULL);
+        vkg_writer_attr relu = {.name = "activation", .type = VKG_ATTR_INT, .i = 1};
+        if (vkg_writer_add_node(b.w, "moe_experts", "experts2", ein, 7, &y2, 1, &relu, 1) != VKG_SUCCESS) return NULL;
+    }
+    return finish(ctx, &b);
+}
+
+static int run_route_plan(vkg_context *ctx, const route_plan_case *rc, uint32_t seed)
+{
+    uint32_t T = rc->T, D = rc->D, C = rc->C, k = rc->k, E = C - rc->first, h = rc->h;
+    size_t nx = (size_t)T * D, nw = (size_t)E * h * D, P = (size_t)T * k, ns = 2 * (size_t)E + C + 2;
+    float *x = malloc(nx * 4), *w = malloc((size_t)C * D * 4), *bias = malloc(C * 4), *w1 = malloc(nw * 4),
+          *w2 = malloc(nw * 4), *b1 = malloc((size_t)E * h * 4), *b2 = malloc((size_t)E * D * 4);
+    h_fill(x, nx, seed, -1, 1);
+    h_fill(w, (size_t)C * D, seed + 1, -1, 1);
+    h_fill(bias, C, seed + 2, -0.5f, 0.5f);
+    h_fill(w1, nw, seed + 3, -0.5f, 0.5f);
+    h_fill(w2, nw, seed + 4, -0.5f, 0.5f);
+    h_fill(b1, (size_t)E * h, seed + 5, -0.3f, 0.3f);
+    h_fill(b2, (size_t)E * D, seed + 6, -0.3f, 0.3f);
+    vkg_model *m = route_plan_graph(ctx, rc, w, bias, w1, b1, w2, b2);
+    if (!m) return 1;
+    const char *names[8] = {"y", "ids", "gates", "counts", "fraction", "mean_score", "load_balance", "z_loss"};
+    size_t bytes[8] = {nx * 4, P * 4, P * 4, E * 4, E * 4, C * 4, 4, 4};
+    void *res[2][8];
+    int nout = rc->nostats ? 3 : 8;
+    uint32_t disp[2], barriers[2];
+    char what[160];
+    snprintf(what, sizeof what, "route+plan T=%u D=%u C=%u first=%u k=%u h=%u%s%s%s", T, D, C, rc->first, k, h,
+             rc->sigmoid ? " sigmoid" : "", rc->shared ? " shared ids" : "", rc->nostats ? " no statistics" : "");
+    /* Pass 0 as sessions are made by default, pass 1 with the fusion turned off: the same kernels
+     * otherwise, so every output must agree bit for bit. */
+    for (int pass = 0; pass < 2; pass++) {
+        if (pass) setenv("VKG_MOE_FUSED_ROUTE_PLAN", "0", 1);
+        vkg_session *s;
+        vkg_status st = vkg_session_create(m, NULL, &s);
+        unsetenv("VKG_MOE_FUSED_ROUTE_PLAN");
+        OK(st);
+        OK(vkg_session_set_input(s, "x", x, nx * 4));
+        for (int i = 0; i < 8; i++) res[pass][i] = calloc(1, bytes[i] + 4);
+        if (run_twice(s, names, res[pass], bytes, nout)) return 1;
+        disp[pass] = vkg_session_dispatch_count(s);
+        barriers[pass] = vkg_session_barrier_count(s);
+        vkg_session_destroy(s);
+    }
+    CHECK(disp[1] - disp[0] == (rc->fused ? 1u : 0u) && barriers[1] - barriers[0] == (rc->fused ? 1u : 0u),
+          "%s: %u dispatches / %u barriers fused, %u / %u apart; expected %s", what, disp[0], barriers[0], disp[1],
+          barriers[1], rc->fused ? "one of each fewer" : "the same");
+    for (int i = 0; i < nout; i++)
+        CHECK(memcmp(res[0][i], res[1][i], bytes[i]) == 0, "%s: %s differs with and without the fusion", what, names[i]);
+    /* Against the references: the routing (ids exact away from near ties), and the experts on the
+     * device's routing (which a wrong plan would scatter to the wrong rows or drop). */
+    int32_t *ids = res[0][1], *rids = malloc(P * 4 + 4);
+    float *g = res[0][2], *rg = malloc(P * 4 + 4), *rst = malloc(ns * 4), *ry = malloc(nx * 4 + 4), *y = res[0][0];
+    double *gap = malloc((T + 1) * sizeof *gap);
+    ref_moe_router(x, w, bias, T, D, C, rc->first, k, rc->sigmoid, 0, 0, 1.0, 1.0, rids, rg, rst, rst + E, rst + 2 * E,
+                   rst + 2 * E + C, rst + 2 * E + C + 1, gap);
+    uint32_t wrong = 0;
+    for (uint32_t t = 0; t < T; t++)
+        if (memcmp(ids + t * k, rids + t * k, k * 4) && gap[t] >= 1e-5) wrong++;
+    CHECK(wrong == 0, "%s: %u of %u tokens route differently", what, wrong, T);
+    float *st = malloc(ns * 4);
+    memcpy(st, res[0][3], E * 4);
+    memcpy(st + E, res[0][4], E * 4);
+    memcpy(st + 2 * E, res[0][5], C * 4);
+    memcpy(st + 2 * E + C, res[0][6], 4);
+    memcpy(st + 2 * E + C + 1, res[0][7], 4);
+    ref_moe_experts(x, ids, g, w1, b1, w2, b2, NULL, NULL, ry, T, D, k, E, h, 2);
+    h_maybe_fault(y, nx);
+    if (!rc->nostats) h_maybe_fault(st, ns);
+    int bad = rc->nostats ? 0 : h_compare("statistics", st, rst, NULL, ns, 1e-6, 1e-5);
+    bad |= h_compare(what, y, ry, NULL, nx, 2e-5 * (1 + sqrt((double)D * h) / 8), 1e-5);
+    CHECK(!bad, "%s", what);
+    for (int p = 0; p < 2; p++)
+        for (int i = 0; i < 8; i++) free(res[p][i]);
+    vkg_model_destroy(m);
+    free(x), free(w), free(bias), free(w1), free(w2), free(b1), free(b2), free(rids), free(rg), free(rst), free(ry);
+    free(gap), free(st);
+    return 0;
+}
+
+/* A moe_router whose ids feed one moe_experts node records that node's dispatch plan in its own
+ * dispatch (moe_route_plan1) up to 1024 tokens, 1024 pairs and 256 experts; checked against the
+ * references and bit for bit against the two dispatches, at the limits, past them, and where a
+ * second reader of the ids keeps them apart. */
+static int test_route_plan(vkg_context *ctx)
+{
+    static const route_plan_case cases[] = {
+        {.T = 1, .D = 8, .C = 4, .k = 1, .h = 12, .fused = 1},
+        {.T = 7, .D = 13, .C = 6, .k = 2, .h = 20, .fused = 1},
+        {.T = 3, .D = 16, .C = 12, .k = 1, .h = 8, .fused = 1}, /* most experts empty */
+        {.T = 33, .D = 12, .C = 10, .first = 3, .k = 2, .h = 9, .sigmoid = 1, .fused = 1},
+        {.T = 512, .D = 8, .C = 5, .k = 2, .h = 8, .fused = 1},  /* 1024 pairs: the plan's limit */
+        {.T = 1024, .D = 8, .C = 3, .k = 1, .h = 8, .fused = 1}, /* the router's limit */
+        {.T = 256, .D = 8, .C = 258, .first = 2, .k = 2, .h = 4, .fused = 1}, /* 256 experts */
+        {.T = 513, .D = 8, .C = 5, .k = 2, .h = 8},              /* 1026 pairs: apart */
+        {.T = 1025, .D = 8, .C = 3, .k = 1, .h = 8},             /* over the router's limit */
+        {.T = 20, .D = 8, .C = 300, .k = 3, .h = 4},             /* 300 experts */
+        {.T = 9, .D = 12, .C = 6, .k = 2, .h = 10, .shared = 1}, /* two readers of the ids */
+        {.T = 9, .D = 12, .C = 6, .k = 2, .h = 10, .nostats = 1},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
+        if (run_route_plan(ctx, &cases[i], 700 + 13 * (uint32_t)i)) return 1;
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     const char *op = argc > 1 ? argv[1] : "";
@@ -627,8 +778,10 @@ int main(int argc, char **argv)
     else if (!strcmp(op, "lora_mix")) r = test_lora_mix(ctx);
     else if (!strcmp(op, "lora_linear")) r = test_lora_linear(ctx);
     else if (!strcmp(op, "invalid")) r = test_invalid(ctx);
+    else if (!strcmp(op, "route_plan")) r = test_route_plan(ctx);
     else {
-        fprintf(stderr, "usage: test_moe router|experts|mlp|large|lora_mix|lora_linear|invalid [--inject-fault]\n");
+        fprintf(stderr,
+                "usage: test_moe router|experts|mlp|large|lora_mix|lora_linear|invalid|route_plan [--inject-fault]\n");
         return 2;
     }
     int f = h_finish(ctx, op);

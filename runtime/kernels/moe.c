@@ -85,6 +85,33 @@ vkg_status vkg_moe_stats(vkg_cmd *cmd, const vkg_moe_stats_args *a)
     return vkg_cmd_dispatch(cmd, p, b, &pc, 1, 1, 1, "moe_stats");
 }
 
+/* The push constants and the 9 bindings of the one-workgroup router (moe_route1, and the first nine
+ * of moe_route_plan1), after checking its arguments. */
+static vkg_status route1_setup(const vkg_moe_select_args *s, const vkg_tref stats[5], const char *who, route_push *pc,
+                               vkg_binding b[9])
+{
+    float temp = s->temperature ? s->temperature : 1.0f;
+    VKG_TRY(route_check(s->C, s->first, s->k, temp));
+    const vkg_tref *r[4] = {&s->logits, &s->ids, &s->gates, &s->lse};
+    for (int i = 0; i < 4; i++) VKG_TRY(need(*r[i], "a routing buffer", who));
+    for (int i = 0; i < 5; i++) VKG_TRY(need(stats[i], "a statistics buffer", who));
+    *pc = (route_push){s->T, s->C, s->first, s->k,
+                       (s->sigmoid ? 1u : 0u) | (s->gates_are_scores ? 2u : 0u) | (s->renorm ? 4u : 0u), 1.0f / temp,
+                       s->scale ? s->scale : 1.0f, 0};
+    VkDeviceSize E = s->C - s->first, tk = (VkDeviceSize)s->T * s->k * 4;
+    const vkg_binding bs[9] = {{s->logits.buf, s->logits.offset, (VkDeviceSize)s->T * s->C * 4, 0, false},
+                               {s->ids.buf, s->ids.offset, tk, 0, true},
+                               {s->gates.buf, s->gates.offset, tk, 0, true},
+                               {s->lse.buf, s->lse.offset, (VkDeviceSize)s->T * 4, 0, true},
+                               {stats[0].buf, stats[0].offset, E * 4, 0, true},
+                               {stats[1].buf, stats[1].offset, E * 4, 0, true},
+                               {stats[2].buf, stats[2].offset, (VkDeviceSize)s->C * 4, 0, true},
+                               {stats[3].buf, stats[3].offset, 4, 0, true},
+                               {stats[4].buf, stats[4].offset, 4, 0, true}};
+    memcpy(b, bs, sizeof bs);
+    return VKG_SUCCESS;
+}
+
 vkg_status vkg_moe_route(vkg_cmd *cmd, const vkg_moe_select_args *s, const vkg_tref stats[5])
 {
     if (s->T > VKG_MOE_ROUTE1_TOKENS || s->T == 0) {
@@ -95,28 +122,12 @@ vkg_status vkg_moe_route(vkg_cmd *cmd, const vkg_moe_select_args *s, const vkg_t
                                 .sigmoid = s->sigmoid, .temperature = s->temperature};
         return vkg_moe_stats(cmd, &t);
     }
-    vkg_context *ctx = vkg_cmd_context(cmd);
-    float temp = s->temperature ? s->temperature : 1.0f;
-    VKG_TRY(route_check(s->C, s->first, s->k, temp));
-    const vkg_tref *r[4] = {&s->logits, &s->ids, &s->gates, &s->lse};
-    for (int i = 0; i < 4; i++) VKG_TRY(need(*r[i], "a routing buffer", "moe_route"));
-    for (int i = 0; i < 5; i++) VKG_TRY(need(stats[i], "a statistics buffer", "moe_route"));
-    route_push pc = {s->T, s->C, s->first, s->k,
-                     (s->sigmoid ? 1u : 0u) | (s->gates_are_scores ? 2u : 0u) | (s->renorm ? 4u : 0u), 1.0f / temp,
-                     s->scale ? s->scale : 1.0f, 0};
+    route_push pc;
+    vkg_binding b[9];
+    VKG_TRY(route1_setup(s, stats, "moe_route", &pc, b));
     vkg_pipeline_desc pd = {.shader = "moe_route1", .nbindings = 9, .push_size = sizeof pc, .nspec = 1, .spec = {ROUTE_WG}};
     const vkg_pipeline *p;
-    VKG_TRY(vkg_pipeline_get(ctx, &pd, &p));
-    VkDeviceSize E = s->C - s->first, tk = (VkDeviceSize)s->T * s->k * 4;
-    vkg_binding b[9] = {{s->logits.buf, s->logits.offset, (VkDeviceSize)s->T * s->C * 4, 0, false},
-                        {s->ids.buf, s->ids.offset, tk, 0, true},
-                        {s->gates.buf, s->gates.offset, tk, 0, true},
-                        {s->lse.buf, s->lse.offset, (VkDeviceSize)s->T * 4, 0, true},
-                        {stats[0].buf, stats[0].offset, E * 4, 0, true},
-                        {stats[1].buf, stats[1].offset, E * 4, 0, true},
-                        {stats[2].buf, stats[2].offset, (VkDeviceSize)s->C * 4, 0, true},
-                        {stats[3].buf, stats[3].offset, 4, 0, true},
-                        {stats[4].buf, stats[4].offset, 4, 0, true}};
+    VKG_TRY(vkg_pipeline_get(vkg_cmd_context(cmd), &pd, &p));
     return vkg_cmd_dispatch(cmd, p, b, &pc, 1, 1, 1, "moe_route1");
 }
 
@@ -223,6 +234,57 @@ vkg_status vkg_moe_dispatch(vkg_cmd *cmd, vkg_tref ids, const vkg_moe_plan *plan
         VKG_TRY(vkg_cmd_dispatch(cmd, p, b, &pc, pc.gx, gy, 1, "moe_scatter"));
     }
     return VKG_SUCCESS;
+}
+
+/* ---- routing and plan in one dispatch ---- */
+
+typedef struct route_plan_push {
+    route_push r;
+    uint32_t P, E, tile_m, o_tiles, o_args, o_seg, o_perm, o_inv;
+    uint32_t grids[4];
+} route_plan_push;
+
+bool vkg_moe_route_plan_fits(const vkg_context *ctx, uint32_t T, uint32_t k, uint32_t E)
+{
+    uint64_t P = (uint64_t)T * k;
+    return T >= 1 && T <= VKG_MOE_ROUTE1_TOKENS && P >= 1 && P <= VKG_MOE_PLAN1_PAIRS && E >= 1 &&
+           E <= VKG_MOE_PLAN1_EXPERTS && ctx->max_storage_per_stage >= 10 &&
+           sizeof(route_plan_push) <= ctx->info.max_push_constants;
+}
+
+vkg_status vkg_moe_route_plan(vkg_cmd *cmd, const vkg_moe_select_args *s, const vkg_tref stats[5],
+                              const vkg_moe_plan *plan, const uint32_t grids[4])
+{
+    vkg_context *ctx = vkg_cmd_context(cmd);
+    VKG_TRY(plan_check(ctx, plan, "moe_route_plan"));
+    if (plan->T != s->T || plan->k != s->k)
+        return vkg_fail(VKG_ERROR_INVALID_ARGUMENT, "moe_route_plan: a plan for %u x %u pairs, routing %u x %u", plan->T,
+                        plan->k, s->T, s->k);
+    if (!vkg_moe_route_plan_fits(ctx, s->T, s->k, plan->E)) {
+        VKG_TRY(vkg_moe_route(cmd, s, stats));
+        return vkg_moe_dispatch(cmd, s->ids, plan, grids);
+    }
+    route_plan_push pc;
+    vkg_binding b[10];
+    VKG_TRY(route1_setup(s, stats, "moe_route_plan", &pc.r, b));
+    /* The plan's arrays lie in one range from tiles to inv (vkg_moe_plan_layout), at offsets that
+     * are multiples of 256 bytes from each other: one binding, indexed in words. */
+    VkDeviceSize base = plan->tiles.offset, end = plan->inv.offset + (VkDeviceSize)plan->P * 4 + 4;
+    const vkg_tref *parts[5] = {&plan->tiles, &plan->args, &plan->seg, &plan->perm, &plan->inv};
+    uint32_t words[5];
+    for (int i = 0; i < 5; i++) {
+        if (parts[i]->buf != plan->tiles.buf || parts[i]->offset < base || (parts[i]->offset - base) % 16)
+            return vkg_fail(VKG_ERROR_INVALID_ARGUMENT, "moe_route_plan: the plan is not one vkg_moe_plan_layout range");
+        words[i] = (uint32_t)((parts[i]->offset - base) / 4);
+    }
+    pc = (route_plan_push){pc.r, plan->P, plan->E, plan->tile_m, words[0], words[1], words[2], words[3], words[4],
+                           {grids[0], grids[1], grids[2], grids[3]}};
+    vkg_pipeline_desc pd = {.shader = "moe_route_plan1", .nbindings = 10, .push_size = sizeof pc, .nspec = 1,
+                            .spec = {ROUTE_WG}};
+    const vkg_pipeline *p;
+    VKG_TRY(vkg_pipeline_get(ctx, &pd, &p));
+    b[9] = (vkg_binding){plan->tiles.buf, base, end - base, 0, true};
+    return vkg_cmd_dispatch(cmd, p, b, &pc, 1, 1, 1, "moe_route_plan1");
 }
 
 /* ---- grouped matmul ---- */

@@ -56,6 +56,14 @@ uint64_t vkg_moe_plan_layout(const vkg_context *ctx, uint32_t T, uint32_t k, uin
  * matmul that will use the plan (vkg_moe_gemm_grid_x); their y is the number of tiles. */
 vkg_status vkg_moe_dispatch(vkg_cmd *cmd, vkg_tref ids, const vkg_moe_plan *plan, const uint32_t grids[4]);
 
+/* vkg_moe_route, then vkg_moe_dispatch(s->ids, plan, grids), in one dispatch (moe_route_plan1: the
+ * route1 kernel, a workgroup barrier, the plan1 kernel) where vkg_moe_route_plan_fits, else the two
+ * calls. The plan must be one vkg_moe_plan_layout range for s->T x s->k pairs. A decoder's MoE
+ * layer saves a dispatch and a barrier with no parallelism lost: both halves are one workgroup. */
+bool vkg_moe_route_plan_fits(const vkg_context *ctx, uint32_t T, uint32_t k, uint32_t E);
+vkg_status vkg_moe_route_plan(vkg_cmd *cmd, const vkg_moe_select_args *s, const vkg_tref stats[5],
+                              const vkg_moe_plan *plan, const uint32_t grids[4]);
+
 typedef struct vkg_moe_gemm_args {
     vkg_tref x;          /* gather: (T, ldx) token rows; else (P, ldx) rows in position order */
     uint32_t ldx, xe;    /* x row stride; expert e reads columns [e*xe, e*xe + K) */
