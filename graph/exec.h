@@ -28,6 +28,9 @@ struct vkg_session {
     /* per node, or UINT32_MAX: a moe_router's moe_experts node whose plan it records (plan_to), and
      * that node's router (plan_from); see fuse_route_plan in session.c */
     uint32_t *plan_to, *plan_from;
+    /* per node, or UINT32_MAX: a linear's attention node that records it (proj_to), and that
+     * attention's linear (proj_from); see fuse_attention_proj in session.c */
+    uint32_t *proj_to, *proj_from;
     vkg_cmd *cmd;
     uint64_t planned, unshared;
     double flops;

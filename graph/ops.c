@@ -720,6 +720,58 @@ static vkg_status attention_record(vkg_cmd *cmd, const vkg_ir_node *n, const vkg
     return vkg_attention(cmd, &a);
 }
 
+/* A linear (x, weight, optional bias only) whose output is this attention's q (or packed qkv): the
+ * session records them as one dispatch (vkg_attention_proj) where the sizes fit one workgroup per
+ * head. in[] are the attention's input shapes, lin_in[] the linear's. */
+bool vkg_attention_proj_fusable(const vkg_context *ctx, const vkg_graph *g, const vkg_ir_node *lin,
+                                const vkg_ir_node *att, const vkg_shape *const *lin_in, const vkg_shape *const *in)
+{
+    if (strcmp(lin->op, "linear") != 0 || strcmp(att->op, "attention") != 0 || att->inputs[0] != lin->outputs[0])
+        return false;
+    for (uint32_t i = 3; i < lin->n_inputs; i++)
+        if (lin->inputs[i] != VKG_IR_NONE) return false; /* scale, residual, LoRA: the matmul's epilogue */
+    const vkg_ir_attr *act = vkg_ir_attr_find(lin, "activation");
+    if (act && act->i != 0) return false;
+    const vkg_ir_tensor *w = &g->tensors[lin->inputs[1]];
+    if (w->dtype != VKG_DTYPE_F32 && w->dtype != VKG_DTYPE_F16) return false;
+    bool packed = attention_packed(att);
+    /* Cross-attention: k and v are windows of one memory K/V tensor (the kernel reads one). */
+    if (!packed && (attention_col(att, "k_col") < 0 || att->inputs[1] != att->inputs[2])) return false;
+    const vkg_shape *x = lin_in[0], *q = in[0];
+    if (x->rank != 3 || q->rank != 3) return false;
+    int64_t heads = vkg_ir_attr_find(att, "heads")->i, hd = packed ? q->dims[2] / 3 : q->dims[2];
+    int64_t tk = packed ? q->dims[1] : in[1]->dims[1];
+    if (q->dims[0] > 65535 || q->dims[1] > UINT32_MAX || tk > UINT32_MAX || x->dims[2] > UINT32_MAX) return false;
+    return vkg_attention_proj_fits(ctx, (uint32_t)q->dims[1], (uint32_t)tk, (uint32_t)(hd / heads), (uint32_t)x->dims[2]);
+}
+
+vkg_status vkg_attention_proj_record(vkg_cmd *cmd, const vkg_ir_node *att, const vkg_rt_tensor *const *in,
+                                     const vkg_rt_tensor *const *lin_in, const vkg_rt_tensor *out)
+{
+    bool packed = attention_packed(att);
+    uint32_t heads = (uint32_t)vkg_ir_attr_find(att, "heads")->i, nqkv = packed ? 1 : 3;
+    const vkg_ir_attr *sc = vkg_ir_attr_find(att, "scale");
+    uint32_t hd = (uint32_t)out->shape.dims[2];
+    vkg_attention_proj_args a = {.x = lin_in[0]->ref, .w = lin_in[1]->ref, .w_dtype = lin_in[1]->dtype,
+                                 .packed = packed, .in_features = (uint32_t)lin_in[1]->shape.dims[1],
+                                 .out = out->ref, .batch = (uint32_t)out->shape.dims[0], .heads = heads,
+                                 .tq = (uint32_t)out->shape.dims[1], .tk = (uint32_t)in[packed ? 0 : 1]->shape.dims[1],
+                                 .head_dim = hd / heads, .scale = sc ? (float)sc->f : 0.0f};
+    if (lin_in[2]) a.bias = lin_in[2]->ref;
+    if (!packed) {
+        a.kv = in[1]->ref;
+        a.kv_stride = (uint32_t)in[1]->shape.dims[2];
+        a.k_col = (uint32_t)attention_col(att, "k_col");
+        a.v_col = (uint32_t)attention_col(att, "v_col");
+    }
+    if (in[nqkv]) {
+        a.mask = in[nqkv]->ref;
+        a.mask_batched = in[nqkv]->shape.rank == 3;
+    }
+    if (in[nqkv + 1]) a.key_padding = in[nqkv + 1]->ref;
+    return vkg_attention_proj(cmd, &a);
+}
+
 static double attention_flops(const vkg_ir_node *n, const vkg_shape *const *in, const vkg_shape *out)
 {
     bool packed = attention_packed(n);

@@ -67,6 +67,11 @@ typedef struct vkg_op_def {
 } vkg_op_def;
 
 const vkg_op_def *vkg_op_find(const char *name);
+/* The q / packed qkv projection fused into the attention (see fuse_attention_proj in session.c). */
+bool vkg_attention_proj_fusable(const vkg_context *ctx, const vkg_graph *g, const vkg_ir_node *lin,
+                                const vkg_ir_node *att, const vkg_shape *const *lin_in, const vkg_shape *const *in);
+vkg_status vkg_attention_proj_record(vkg_cmd *cmd, const vkg_ir_node *att, const vkg_rt_tensor *const *in,
+                                     const vkg_rt_tensor *const *lin_in, const vkg_rt_tensor *out);
 /* VKG_ERROR_INVALID_GRAPH with "SOURCE: node "NAME" (op OP): message". */
 vkg_status vkg_node_fail(const vkg_graph *g, const vkg_ir_node *n, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 

@@ -129,6 +129,43 @@ static void fuse_route_plan(vkg_session *s)
     }
 }
 
+/* Where a linear (x, weight, optional bias) feeds only an attention's q (or packed qkv) and the
+ * head's q, k, v fit one workgroup's shared memory, the attention records the projection too
+ * (vkg_attention_proj): the projection's dispatch and its barrier go and q is never written (its
+ * arena space is still planned).
+ * The linear's input then lives until the attention. Opt-in (VKG_ATTENTION_FUSED_PROJ=1): on
+ * lavapipe the one-workgroup-per-head kernel is slower than the texel matmul it replaces
+ * (bench/RESULTS.md, Transfuser section). */
+static void fuse_attention_proj(vkg_session *s)
+{
+    const vkg_graph *g = s->model->g;
+    for (uint32_t n = 0; n < g->n_nodes; n++) s->proj_to[n] = s->proj_from[n] = UINT32_MAX;
+    const char *env = getenv("VKG_ATTENTION_FUSED_PROJ");
+    if (!env || strcmp(env, "1") != 0) return;
+    for (uint32_t l = 0; l < g->n_nodes; l++) {
+        const vkg_ir_node *lin = &g->nodes[l];
+        if (strcmp(lin->op, "linear") != 0) continue;
+        uint32_t y = lin->outputs[0], reader = UINT32_MAX, uses = 0;
+        if (g->tensors[y].role == VKG_ROLE_OUTPUT) continue;
+        for (uint32_t n = 0; n < g->n_nodes; n++)
+            for (uint32_t i = 0; i < g->nodes[n].n_inputs; i++)
+                if (g->nodes[n].inputs[i] == y) {
+                    reader = n;
+                    uses++;
+                }
+        if (uses != 1 || reader <= l || s->proj_from[reader] != UINT32_MAX) continue;
+        const vkg_ir_node *att = &g->nodes[reader];
+        const vkg_shape *lin_in[8] = {0}, *in[8] = {0};
+        for (uint32_t i = 0; i < lin->n_inputs && i < 8; i++)
+            lin_in[i] = lin->inputs[i] == VKG_IR_NONE ? NULL : &s->rt[lin->inputs[i]].shape;
+        for (uint32_t i = 0; i < att->n_inputs && i < 8; i++)
+            in[i] = att->inputs[i] == VKG_IR_NONE ? NULL : &s->rt[att->inputs[i]].shape;
+        if (!vkg_attention_proj_fusable(s->model->ctx, g, lin, att, lin_in, in)) continue;
+        s->proj_to[l] = reader;
+        s->proj_from[reader] = l;
+    }
+}
+
 typedef struct live {
     uint32_t tensor;
     uint64_t bytes, offset;
@@ -214,8 +251,10 @@ static vkg_status plan_memory(vkg_session *s)
             if (first[o] == UINT32_MAX) first[o] = n;
             last[o] = VKG_MAX(last[o], n);
         }
+        /* A linear recorded by its attention reads its inputs at the attention's step. */
+        uint32_t at = s->proj_to[n] != UINT32_MAX ? s->proj_to[n] : n;
         for (uint32_t i = 0; i < node->n_inputs; i++)
-            if (node->inputs[i] != VKG_IR_NONE) last[s->root[node->inputs[i]]] = VKG_MAX(last[s->root[node->inputs[i]]], n);
+            if (node->inputs[i] != VKG_IR_NONE) last[s->root[node->inputs[i]]] = VKG_MAX(last[s->root[node->inputs[i]]], at);
     }
     for (uint32_t t = 0; t < nt; t++) {
         vkg_tensor_role r = g->tensors[t].role;
@@ -298,7 +337,14 @@ static vkg_status record_graph(vkg_session *s, vkg_cmd **cmd_out, uint32_t **nod
             in[i] = i < node->n_inputs && node->inputs[i] != VKG_IR_NONE ? &s->rt[node->inputs[i]] : NULL;
         for (uint32_t i = 0; i < node->n_outputs; i++) outs[i] = &s->rt[node->outputs[i]];
         uint32_t before = vkg_cmd_dispatch_count(cmd);
-        if (op->record_call) {
+        if (s->proj_to[n] != UINT32_MAX) continue; /* recorded by its attention node */
+        if (s->proj_from[n] != UINT32_MAX) {
+            const vkg_ir_node *ln = &g->nodes[s->proj_from[n]];
+            const vkg_rt_tensor *lin[8];
+            for (uint32_t i = 0; i < 8; i++)
+                lin[i] = i < ln->n_inputs && ln->inputs[i] != VKG_IR_NONE ? &s->rt[ln->inputs[i]] : NULL;
+            st = vkg_attention_proj_record(cmd, node, in, lin, outs[0]);
+        } else if (op->record_call) {
             vkg_op_call call = {cmd, node, in, outs, s->scratch[n], s->scratch_bytes[n], NULL,
                                 s->plan_from[n] != UINT32_MAX};
             const vkg_rt_tensor *pin[64], *pout[64];
@@ -396,11 +442,15 @@ vkg_status vkg_session_create(vkg_model *model, const vkg_session_desc *desc, vk
     s->scratch_bytes = calloc(model->g->n_nodes + 1, sizeof *s->scratch_bytes);
     s->plan_to = calloc(model->g->n_nodes + 1, sizeof *s->plan_to);
     s->plan_from = calloc(model->g->n_nodes + 1, sizeof *s->plan_from);
-    bool got = s->rt && s->root && s->own && s->bound && s->scratch && s->scratch_bytes && s->plan_to && s->plan_from;
+    s->proj_to = calloc(model->g->n_nodes + 1, sizeof *s->proj_to);
+    s->proj_from = calloc(model->g->n_nodes + 1, sizeof *s->proj_from);
+    bool got = s->rt && s->root && s->own && s->bound && s->scratch && s->scratch_bytes && s->plan_to && s->plan_from &&
+               s->proj_to && s->proj_from;
     vkg_status st = got ? VKG_SUCCESS : vkg_fail(VKG_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
     if (st == VKG_SUCCESS) st = vkg_context_alive(model->ctx, "vkg_session_create");
     if (st == VKG_SUCCESS) st = infer_shapes(s, &d);
     if (st == VKG_SUCCESS) fuse_route_plan(s);
+    if (st == VKG_SUCCESS) fuse_attention_proj(s);
     if (st == VKG_SUCCESS) st = plan_memory(s);
     if (st == VKG_SUCCESS) st = record(s);
     if (st == VKG_SUCCESS) st = create_sync(s);
@@ -436,6 +486,8 @@ void vkg_session_destroy(vkg_session *s)
     free(s->scratch_bytes);
     free(s->plan_to);
     free(s->plan_from);
+    free(s->proj_to);
+    free(s->proj_from);
     free(s->rt);
     free(s->root);
     free(s->dispatch_node);

@@ -295,11 +295,148 @@ static int test_planning(void)
     return h_finish(ctx, "planning");
 }
 
+
+/* ---- the q / packed qkv projection fused into the attention (fuse_attention_proj) ---- */
+
+typedef struct ap_case {
+    uint32_t batch, heads, tq, tk, d, k; /* tk: cross-attention keys (0: packed self-attention) */
+    int f16, bias;
+    int residual; /* the linear also adds a residual: must stay two dispatches */
+    float scale;  /* 0: 1/sqrt(d) */
+} ap_case;
+
+/* x (batch, tq, k) -> linear (W (N, k) [+ bias] [+ x residual when N = k]) -> attention; packed:
+ * N = 3 heads d; cross: N = heads d, k and v column windows 1 and heads d + 2 of an input kv
+ * (batch, tk, 2 heads d + 3). Runs the session with the fusion off and on. */
+static int run_attn_proj(vkg_context *ctx, ap_case c, uint32_t seed)
+{
+    bool packed = c.tk == 0;
+    uint32_t hd = c.heads * c.d, N = (packed ? 3 : 1) * hd, tk = packed ? c.tq : c.tk, kw = 2 * hd + 3;
+    size_t nw = (size_t)N * c.k, nx = (size_t)c.batch * c.tq * c.k, nkv = (size_t)c.batch * tk * kw;
+    size_t nq = (size_t)c.batch * c.tq * N, no = (size_t)c.batch * c.tq * hd;
+    float *w = malloc(nw * 4), *b = malloc(N * 4), *x = malloc(nx * 4), *kv = malloc(nkv * 4 + 4);
+    float *q = malloc(nq * 4), *want = malloc(no * 4), *got[3];
+    uint16_t *wh = malloc(nw * 2);
+    h_fill(w, nw, seed, -0.5f, 0.5f);
+    h_fill(b, N, seed + 1, -0.2f, 0.2f);
+    h_fill(x, nx, seed + 2, -1.0f, 1.0f);
+    h_fill(kv, nkv, seed + 3, -1.0f, 1.0f);
+    if (c.f16)
+        for (size_t i = 0; i < nw; i++) w[i] = ref_f16_to_f32(wh[i] = ref_f32_to_f16(w[i]));
+
+    vkg_writer *wr;
+    if (vkg_writer_create(&wr) != VKG_SUCCESS) exit(1);
+    vkg_writer_tensor xt = {.name = "x", .role = VKG_ROLE_INPUT, .rank = 3, .dims = {-1, c.tq, c.k}, .sym = {"batch"}};
+    vkg_writer_tensor kt = {.name = "kv", .role = VKG_ROLE_INPUT, .rank = 3, .dims = {-1, tk, kw}, .sym = {"batch"}};
+    uint32_t xi, ki = 0, in[5] = {0, 0, VKG_NO_TENSOR, VKG_NO_TENSOR, VKG_NO_TENSOR}, qi, oi;
+    vkg_writer_add_tensor(wr, &xt, &xi);
+    if (!packed) vkg_writer_add_tensor(wr, &kt, &ki);
+    int64_t dw[2] = {N, c.k}, db[1] = {N};
+    in[0] = xi;
+    in[1] = add_const(wr, "proj.weight", c.f16 ? VKG_DTYPE_F16 : VKG_DTYPE_F32, 2, dw, c.f16 ? (void *)wh : (void *)w);
+    if (c.bias) in[2] = add_const(wr, "proj.bias", VKG_DTYPE_F32, 1, db, b);
+    if (c.residual) in[4] = xi;
+    qi = add_act(wr, "q", VKG_ROLE_INTERMEDIATE, 3, N);
+    oi = add_act(wr, "out", VKG_ROLE_OUTPUT, 3, hd);
+    vkg_writer_add_node(wr, "linear", "proj", in, 5, &qi, 1, NULL, 0);
+    vkg_writer_attr at[4] = {{.name = "heads", .type = VKG_ATTR_INT, .i = c.heads}};
+    uint32_t na = 1;
+    if (packed) at[na++] = (vkg_writer_attr){.name = "packed", .type = VKG_ATTR_INT, .i = 1};
+    else {
+        at[na++] = (vkg_writer_attr){.name = "k_col", .type = VKG_ATTR_INT, .i = 1};
+        at[na++] = (vkg_writer_attr){.name = "v_col", .type = VKG_ATTR_INT, .i = hd + 2};
+    }
+    if (c.scale != 0.0f) at[na++] = (vkg_writer_attr){.name = "scale", .type = VKG_ATTR_FLOAT, .f = c.scale};
+    uint32_t ain[3] = {qi, ki, ki};
+    vkg_writer_add_node(wr, "attention", "att", ain, packed ? 1 : 3, &oi, 1, at, na);
+    vkg_writer_add_input(wr, xi);
+    if (!packed) vkg_writer_add_input(wr, ki);
+    vkg_writer_add_output(wr, oi);
+    void *bytes = NULL;
+    size_t size = 0;
+    if (vkg_writer_to_memory(wr, &bytes, &size) != VKG_SUCCESS) exit(1);
+    vkg_writer_destroy(wr);
+    vkg_model *m;
+    OK(vkg_model_load_memory(ctx, bytes, size, &m));
+
+    /* CPU: the linear, then the attention on its output. */
+    ref_matmul(x, w, c.bias ? b : NULL, q, NULL, 1, c.batch * c.tq, N, c.k, 1, 0);
+    if (c.residual)
+        for (size_t i = 0; i < nq; i++) q[i] += x[i];
+    double scale = c.scale != 0.0f ? (double)c.scale : 1.0 / sqrt((double)c.d);
+    if (packed)
+        ref_attention(q, q, q, NULL, 0, NULL, want, NULL, c.batch, c.heads, c.tq, tk, c.d, N, N, 0, hd, 2 * hd, scale);
+    else
+        ref_attention(q, kv, kv, NULL, 0, NULL, want, NULL, c.batch, c.heads, c.tq, tk, c.d, hd, kw, 0, 1, hd + 2, scale);
+
+    char what[160];
+    snprintf(what, sizeof what, "attention + projection %s b=%u h=%u tq=%u tk=%u d=%u k=%u %s%s%s", packed ? "packed" : "cross",
+             c.batch, c.heads, c.tq, tk, c.d, c.k, c.f16 ? "f16" : "f32", c.bias ? " bias" : "", c.residual ? " residual" : "");
+    uint32_t count[2];
+    vkg_dim_binding bd = {"batch", c.batch};
+    vkg_session_desc sd = {.dims = &bd, .n_dims = 1};
+    for (int fused = 0; fused < 2; fused++) {
+        setenv("VKG_ATTENTION_FUSED_PROJ", fused ? "1" : "0", 1);
+        vkg_session *s;
+        OK(vkg_session_create(m, &sd, &s));
+        count[fused] = vkg_session_dispatch_count(s);
+        OK(vkg_session_set_input(s, "x", x, nx * 4));
+        if (!packed) OK(vkg_session_set_input(s, "kv", kv, nkv * 4));
+        got[fused] = malloc(no * 4);
+        got[2] = malloc(no * 4);
+        OK(vkg_session_run(s));
+        OK(vkg_session_get_output(s, "out", got[fused], no * 4));
+        OK(vkg_session_run(s));
+        OK(vkg_session_get_output(s, "out", got[2], no * 4));
+        CHECK(memcmp(got[2], got[fused], no * 4) == 0, "%s: fused=%d rerun is bit-identical", what, fused);
+        free(got[2]);
+        vkg_session_destroy(s);
+        /* fp32 with |x|, |w| <= 1: q is off by ~k ulp of sum |x w| <= k / 2, which the softmax turns
+         * into a relative error of the same order in the output; 2e-6 + 2e-5 |y| covers k <= 64. */
+        char w2[200];
+        snprintf(w2, sizeof w2, "%s, fused=%d vs CPU", what, fused);
+        if (h_compare(w2, got[fused], want, NULL, no, 2e-6, 2e-5)) return 1;
+    }
+    unsetenv("VKG_ATTENTION_FUSED_PROJ");
+    if (c.residual) CHECK(count[1] == count[0], "%s: a linear with a residual is not fused (%u, %u dispatches)", what,
+                          count[0], count[1]);
+    else CHECK(count[1] + 1 == count[0], "%s: fused, one dispatch fewer (%u then %u)", what, count[0], count[1]);
+    /* Fused and unfused sum the projection in different orders: close, not bitwise. */
+    if (h_compare(what, got[1], got[0], NULL, no, 2e-6, 2e-5)) return 1;
+    vkg_model_destroy(m);
+    free(bytes);
+    free(got[0]);
+    free(got[1]);
+    free(w);
+    free(wh);
+    free(b);
+    free(x);
+    free(kv);
+    free(q);
+    free(want);
+    return 0;
+}
+
+static int test_attn_proj(void)
+{
+    vkg_context *ctx = h_context();
+    static const ap_case cases[] = {
+        /* batch heads tq tk d k f16 bias residual scale */
+        {1, 1, 1, 0, 7, 5, 0, 1, 0, 0},     {2, 8, 31, 0, 12, 20, 1, 0, 0, 0},   {3, 3, 9, 0, 20, 33, 0, 1, 0, 0.3f},
+        {1, 8, 1, 65, 32, 24, 1, 1, 0, 0},  {2, 1, 31, 7, 12, 17, 0, 0, 0, 0},   {2, 8, 13, 65, 20, 40, 0, 1, 0, 0},
+        {1, 8, 31, 65, 32, 64, 1, 1, 0, 0}, {2, 2, 5, 0, 8, 48, 0, 1, 1, 0}, /* residual: N = 3 * 16 = k */
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
+        if (run_attn_proj(ctx, cases[i], 900 + 10 * (uint32_t)i)) return 1;
+    return h_finish(ctx, "attn_proj");
+}
+
 int main(int argc, char **argv)
 {
     const char *t = argc > 1 ? argv[1] : "";
     if (!strcmp(t, "block")) return test_block();
     if (!strcmp(t, "planning")) return test_planning();
-    fprintf(stderr, "usage: test_session block|planning\n");
+    if (!strcmp(t, "attn_proj")) return test_attn_proj();
+    fprintf(stderr, "usage: test_session block|planning|attn_proj\n");
     return 2;
 }

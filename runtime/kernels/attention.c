@@ -151,3 +151,84 @@ vkg_status vkg_attention(vkg_cmd *cmd, const vkg_attention_args *a)
     VKG_TRY(vkg_pipeline_get(ctx, &pd, &p));
     return vkg_cmd_dispatch(cmd, p, b, &pc, gx, H, B, "attention");
 }
+
+bool vkg_attention_proj_fits(const vkg_context *ctx, uint32_t tq, uint32_t tk, uint32_t head_dim, uint32_t in_features)
+{
+    /* 32 KiB is lavapipe's limit and what every Vulkan 1.x GPU offers at least as much of; head_dim
+     * past 128 would put two 128-float rows (q and the accumulator) in each invocation's registers. */
+    uint64_t smem = VKG_MIN((uint64_t)ctx->info.max_shared_memory, 32768u);
+    uint64_t need = ((uint64_t)tq + 2ull * tk) * head_dim * 4;
+    return head_dim >= 1 && head_dim <= 128 && tq >= 1 && in_features >= 1 && in_features <= 65536 && need <= smem;
+}
+
+typedef struct attp_push {
+    uint32_t tq, tk, heads, flags;
+    uint32_t kin, x0, w0, b0;
+    uint32_t kv0, ks, kc, vc;
+    uint32_t m0, mbs, kp0, o0;
+    float sl2e;
+} attp_push;
+
+vkg_status vkg_attention_proj(vkg_cmd *cmd, const vkg_attention_proj_args *a)
+{
+    vkg_context *ctx = vkg_cmd_context(cmd);
+    const vkg_device_info *di = &ctx->info;
+    uint32_t B = a->batch, H = a->heads, d = a->head_dim, tq = a->tq, tk = a->packed ? a->tq : a->tk, K = a->in_features;
+    if (!vkg_attention_proj_fits(ctx, tq, tk, d, K))
+        return vkg_fail(VKG_ERROR_UNSUPPORTED, "attention_proj: tq %u, tk %u, head_dim %u, %u in features do not fit "
+                        "one workgroup per head", tq, tk, d, K);
+    if (a->w_dtype != VKG_DTYPE_F32 && a->w_dtype != VKG_DTYPE_F16)
+        return vkg_fail(VKG_ERROR_UNSUPPORTED, "attention_proj: weight dtype %d (fp32 or fp16)", (int)a->w_dtype);
+    uint64_t hd = (uint64_t)H * d, nw = (a->packed ? 3 : 1) * hd;
+    if (!a->packed && (a->k_col + hd > a->kv_stride || a->v_col + hd > a->kv_stride))
+        return vkg_fail(VKG_ERROR_INVALID_ARGUMENT, "attention_proj: k/v columns exceed the kv row stride %u", a->kv_stride);
+    if (!(a->scale == a->scale) || isinf(a->scale))
+        return vkg_fail(VKG_ERROR_INVALID_ARGUMENT, "attention_proj: scale is not finite");
+    if (a->w.offset % 4)
+        return vkg_fail(VKG_ERROR_INVALID_ARGUMENT, "attention_proj: weight offset %llu is not on 4 bytes",
+                        (unsigned long long)a->w.offset);
+    VkDeviceSize salign = di->min_storage_offset_alignment ? di->min_storage_offset_alignment : 4;
+    uint64_t wsz = a->w_dtype == VKG_DTYPE_F16 ? 2 : 4, wfl = (nw * K * wsz + 3) / 4;
+    uint64_t qrows = (uint64_t)B * tq, krows = (uint64_t)B * tk;
+    attp_push pc = {tq, tk, H, (a->mask.buf ? 1u : 0u) | (a->key_padding.buf ? 2u : 0u) | (a->bias.buf ? 4u : 0u) |
+                                   (a->packed ? 8u : 0u), K};
+    vkg_binding b[7];
+    VKG_TRY(operand("x", a->x, qrows * K, salign, 1, 0, false, &b[0], &pc.x0));
+    VKG_TRY(operand("weight", a->w, wfl, salign, 1, 0, false, &b[1], &pc.w0));
+    pc.w0 = (uint32_t)(pc.w0 * 4 / wsz); /* the slack in weight elements */
+    if (a->bias.buf) VKG_TRY(operand("bias", a->bias, nw, salign, 1, 0, false, &b[2], &pc.b0));
+    else b[2] = b[0];
+    if (!a->packed) {
+        VKG_TRY(operand("kv", a->kv, krows ? (krows - 1) * a->kv_stride + VKG_MAX(a->k_col, a->v_col) + hd : 0, salign,
+                        1, 0, false, &b[3], &pc.kv0));
+        pc.ks = a->kv_stride;
+        pc.kc = a->k_col;
+        pc.vc = a->v_col;
+    } else {
+        b[3] = b[0];
+    }
+    uint64_t mf = (uint64_t)(a->mask_batched ? B : 1) * tq * tk;
+    if (a->mask.buf) VKG_TRY(operand("mask", a->mask, mf, salign, 1, 0, false, &b[4], &pc.m0));
+    else b[4] = b[0];
+    if (a->key_padding.buf) VKG_TRY(operand("key_padding", a->key_padding, krows, salign, 1, 0, false, &b[5], &pc.kp0));
+    else b[5] = b[0];
+    VKG_TRY(operand("out", a->out, qrows * hd, salign, 1, 0, true, &b[6], &pc.o0));
+    pc.mbs = a->mask_batched ? tq * tk : 0;
+    double scale = a->scale != 0.0f ? (double)a->scale : 1.0 / sqrt((double)d);
+    pc.sl2e = (float)(scale * 1.4426950408889634);
+    if (qrows == 0 || H == 0) return VKG_SUCCESS;
+    if (H > di->max_workgroup_count[0] || B > di->max_workgroup_count[1])
+        return vkg_fail(VKG_ERROR_UNSUPPORTED, "attention_proj: %u heads x batch %u over the device's grid", H, B);
+    vkg_pipeline_desc pd = {.nbindings = 7, .push_size = sizeof pc, .nspec = 3};
+    pd.shader = a->w_dtype == VKG_DTYPE_F16 ? "attention_proj_f16w" : "attention_proj";
+    /* 64 invocations: enough for 31 query rows and 3 x 32 projection columns each, and the size
+     * every device runs. The shared array is sized to the largest case (32 KiB) so one pipeline
+     * per head dim serves every token count. */
+    uint32_t wg = VKG_MIN(64u, di->max_workgroup_invocations);
+    uint32_t smem = (uint32_t)(VKG_MIN((uint64_t)di->max_shared_memory, 32768u) / 4);
+    uint32_t spec[3] = {wg, d, smem};
+    memcpy(pd.spec, spec, sizeof spec);
+    const vkg_pipeline *p;
+    VKG_TRY(vkg_pipeline_get(ctx, &pd, &p));
+    return vkg_cmd_dispatch(cmd, p, b, &pc, H, B, 1, "attention_proj");
+}

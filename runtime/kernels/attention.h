@@ -30,4 +30,27 @@ bool vkg_attention_texel_supported(const vkg_context *ctx);
 /* Which variant AUTO picks on this context. */
 vkg_mm_variant vkg_attention_default_variant(const vkg_context *ctx);
 
+/* The attention with its input projection in one dispatch (shaders/attention_proj.comp): q, or for a
+ * packed self-attention q, k and v, are x W^T + bias for this call's x (batch, tq, in_features),
+ * W (N, in_features) f32 or f16 with N = heads * head_dim (3x that packed), bias optional (N);
+ * cross-attention reads k and v as column windows k_col, v_col of kv (batch, tk, kv_stride).
+ * One workgroup per (batch, head) holds the head's q, k, v in shared memory. */
+typedef struct vkg_attention_proj_args {
+    vkg_tref x, w, bias, kv;
+    vkg_dtype w_dtype;
+    bool packed;
+    uint32_t in_features, kv_stride, k_col, v_col;
+    vkg_tref mask;
+    bool mask_batched;
+    vkg_tref key_padding;
+    vkg_tref out;
+    uint32_t batch, heads, tq, tk, head_dim;
+    float scale; /* 0 means 1/sqrt(head_dim) */
+} vkg_attention_proj_args;
+
+/* Whether the fused kernel takes these sizes on this device: head_dim 1..128, the head's q, k, v
+ * ((tq + 2 tk) x head_dim floats) within the device's shared memory and 32 KiB, in_features <= 65536. */
+bool vkg_attention_proj_fits(const vkg_context *ctx, uint32_t tq, uint32_t tk, uint32_t head_dim, uint32_t in_features);
+vkg_status vkg_attention_proj(vkg_cmd *cmd, const vkg_attention_proj_args *a);
+
 #endif
