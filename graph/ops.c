@@ -693,6 +693,17 @@ static vkg_status attention_infer(const vkg_graph *g, const vkg_ir_node *n, cons
     return VKG_SUCCESS;
 }
 
+/* The optional mask and key_padding inputs after q, k, v (or packed qkv), for both kernels. */
+static void attention_extras(const vkg_rt_tensor *const *in, uint32_t nqkv, vkg_tref *mask, bool *mask_batched,
+                             vkg_tref *key_padding)
+{
+    if (in[nqkv]) {
+        *mask = in[nqkv]->ref;
+        *mask_batched = in[nqkv]->shape.rank == 3;
+    }
+    if (in[nqkv + 1]) *key_padding = in[nqkv + 1]->ref;
+}
+
 static vkg_status attention_record(vkg_cmd *cmd, const vkg_ir_node *n, const vkg_rt_tensor *const *in, const vkg_rt_tensor *out)
 {
     bool packed = attention_packed(n);
@@ -712,11 +723,7 @@ static vkg_status attention_record(vkg_cmd *cmd, const vkg_ir_node *n, const vkg
         a.k_col = (uint32_t)attention_col(n, "k_col");
         a.v_col = (uint32_t)attention_col(n, "v_col");
     }
-    if (in[nqkv]) {
-        a.mask = in[nqkv]->ref;
-        a.mask_batched = in[nqkv]->shape.rank == 3;
-    }
-    if (in[nqkv + 1]) a.key_padding = in[nqkv + 1]->ref;
+    attention_extras(in, nqkv, &a.mask, &a.mask_batched, &a.key_padding);
     return vkg_attention(cmd, &a);
 }
 
@@ -764,11 +771,7 @@ vkg_status vkg_attention_proj_record(vkg_cmd *cmd, const vkg_ir_node *att, const
         a.k_col = (uint32_t)attention_col(att, "k_col");
         a.v_col = (uint32_t)attention_col(att, "v_col");
     }
-    if (in[nqkv]) {
-        a.mask = in[nqkv]->ref;
-        a.mask_batched = in[nqkv]->shape.rank == 3;
-    }
-    if (in[nqkv + 1]) a.key_padding = in[nqkv + 1]->ref;
+    attention_extras(in, nqkv, &a.mask, &a.mask_batched, &a.key_padding);
     return vkg_attention_proj(cmd, &a);
 }
 

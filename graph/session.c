@@ -92,6 +92,20 @@ static vkg_status infer_shapes(vkg_session *s, const vkg_session_desc *d)
     return VKG_SUCCESS;
 }
 
+/* The node reading tensor t, when exactly one input slot of the whole graph reads it; else
+ * UINT32_MAX. The session fusions below need their producer's output to have no other reader. */
+static uint32_t sole_reader(const vkg_graph *g, uint32_t t)
+{
+    uint32_t reader = UINT32_MAX, uses = 0;
+    for (uint32_t n = 0; n < g->n_nodes; n++)
+        for (uint32_t i = 0; i < g->nodes[n].n_inputs; i++)
+            if (g->nodes[n].inputs[i] == t) {
+                reader = n;
+                uses++;
+            }
+    return uses == 1 ? reader : UINT32_MAX;
+}
+
 /* Where a moe_router with statistics has its ids read by one moe_experts node only and both the
  * routing and the dispatch plan fit one workgroup, the router records the plan too
  * (vkg_moe_route_plan): a dispatch and a barrier fewer per MoE layer. The experts node's scratch,
@@ -107,15 +121,9 @@ static void fuse_route_plan(vkg_session *s)
         /* Only a router with statistics selects in one workgroup (moe_route1); without, selection
          * spreads over T / 64 workgroups, which a one-workgroup fusion would give up. */
         if (strcmp(g->nodes[r].op, "moe_router") != 0 || g->nodes[r].n_outputs <= 2) continue;
-        uint32_t ids = g->nodes[r].outputs[0], reader = UINT32_MAX, uses = 0;
-        for (uint32_t n = 0; n < g->n_nodes; n++)
-            for (uint32_t i = 0; i < g->nodes[n].n_inputs; i++)
-                if (g->nodes[n].inputs[i] == ids) {
-                    reader = n;
-                    uses++;
-                }
+        uint32_t ids = g->nodes[r].outputs[0], reader = sole_reader(g, ids);
         /* One use, as the experts' ids (input 1), after the router (a valid graph is in order). */
-        if (uses != 1 || reader <= r || strcmp(g->nodes[reader].op, "moe_experts") != 0 ||
+        if (reader == UINT32_MAX || reader <= r || strcmp(g->nodes[reader].op, "moe_experts") != 0 ||
             g->nodes[reader].inputs[1] != ids || !s->scratch_bytes[reader])
             continue;
         const vkg_shape *is = &s->rt[ids].shape, *w1 = &s->rt[g->nodes[reader].inputs[3]].shape;
@@ -145,15 +153,10 @@ static void fuse_attention_proj(vkg_session *s)
     for (uint32_t l = 0; l < g->n_nodes; l++) {
         const vkg_ir_node *lin = &g->nodes[l];
         if (strcmp(lin->op, "linear") != 0) continue;
-        uint32_t y = lin->outputs[0], reader = UINT32_MAX, uses = 0;
+        uint32_t y = lin->outputs[0];
         if (g->tensors[y].role == VKG_ROLE_OUTPUT) continue;
-        for (uint32_t n = 0; n < g->n_nodes; n++)
-            for (uint32_t i = 0; i < g->nodes[n].n_inputs; i++)
-                if (g->nodes[n].inputs[i] == y) {
-                    reader = n;
-                    uses++;
-                }
-        if (uses != 1 || reader <= l || s->proj_from[reader] != UINT32_MAX) continue;
+        uint32_t reader = sole_reader(g, y);
+        if (reader == UINT32_MAX || reader <= l || s->proj_from[reader] != UINT32_MAX) continue;
         const vkg_ir_node *att = &g->nodes[reader];
         const vkg_shape *lin_in[8] = {0}, *in[8] = {0};
         for (uint32_t i = 0; i < lin->n_inputs && i < 8; i++)
@@ -318,6 +321,17 @@ done:
     return st;
 }
 
+/* Node n's inputs (up to its op's max_inputs; absent optional ones NULL) and outputs, as the
+ * recording functions take them. */
+static void node_tensors(const vkg_session *s, uint32_t n, const vkg_rt_tensor **in, const vkg_rt_tensor **outs)
+{
+    const vkg_ir_node *node = &s->model->g->nodes[n];
+    const vkg_op_def *op = vkg_op_find(node->op);
+    for (uint32_t i = 0; i < op->max_inputs; i++)
+        in[i] = i < node->n_inputs && node->inputs[i] != VKG_IR_NONE ? &s->rt[node->inputs[i]] : NULL;
+    for (uint32_t i = 0; i < node->n_outputs; i++) outs[i] = &s->rt[node->outputs[i]];
+}
+
 /* Records the whole graph into a new command buffer with the tensors' current memory; on success
  * replaces the session's (and its dispatch-to-node table), on failure leaves them as they were. */
 static vkg_status record_graph(vkg_session *s, vkg_cmd **cmd_out, uint32_t **node_out, uint32_t *n_out)
@@ -332,17 +346,13 @@ static vkg_status record_graph(vkg_session *s, vkg_cmd **cmd_out, uint32_t **nod
         const vkg_ir_node *node = &g->nodes[n];
         const vkg_op_def *op = vkg_op_find(node->op);
         if (!op->record && !op->record_call) continue;
-        const vkg_rt_tensor *in[64], *outs[64];
-        for (uint32_t i = 0; i < op->max_inputs; i++)
-            in[i] = i < node->n_inputs && node->inputs[i] != VKG_IR_NONE ? &s->rt[node->inputs[i]] : NULL;
-        for (uint32_t i = 0; i < node->n_outputs; i++) outs[i] = &s->rt[node->outputs[i]];
-        uint32_t before = vkg_cmd_dispatch_count(cmd);
         if (s->proj_to[n] != UINT32_MAX) continue; /* recorded by its attention node */
+        const vkg_rt_tensor *in[64], *outs[64];
+        node_tensors(s, n, in, outs);
+        uint32_t before = vkg_cmd_dispatch_count(cmd);
         if (s->proj_from[n] != UINT32_MAX) {
-            const vkg_ir_node *ln = &g->nodes[s->proj_from[n]];
-            const vkg_rt_tensor *lin[8];
-            for (uint32_t i = 0; i < 8; i++)
-                lin[i] = i < ln->n_inputs && ln->inputs[i] != VKG_IR_NONE ? &s->rt[ln->inputs[i]] : NULL;
+            const vkg_rt_tensor *lin[64], *lout[64];
+            node_tensors(s, s->proj_from[n], lin, lout);
             st = vkg_attention_proj_record(cmd, node, in, lin, outs[0]);
         } else if (op->record_call) {
             vkg_op_call call = {cmd, node, in, outs, s->scratch[n], s->scratch_bytes[n], NULL,
@@ -352,10 +362,7 @@ static vkg_status record_graph(vkg_session *s, vkg_cmd **cmd_out, uint32_t **nod
             uint32_t x = s->plan_to[n];
             if (x != UINT32_MAX) {
                 const vkg_ir_node *xn = &g->nodes[x];
-                const vkg_op_def *xop = vkg_op_find(xn->op);
-                for (uint32_t i = 0; i < xop->max_inputs; i++)
-                    pin[i] = i < xn->n_inputs && xn->inputs[i] != VKG_IR_NONE ? &s->rt[xn->inputs[i]] : NULL;
-                for (uint32_t i = 0; i < xn->n_outputs; i++) pout[i] = &s->rt[xn->outputs[i]];
+                node_tensors(s, x, pin, pout);
                 plan_call = (vkg_op_call){cmd, xn, pin, pout, s->scratch[x], s->scratch_bytes[x], NULL, false};
                 call.plan_for = &plan_call;
             }
